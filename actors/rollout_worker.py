@@ -1,0 +1,184 @@
+"""RolloutWorker: a Ray actor that owns one vLLM engine and generates on-policy samples.
+
+Public methods (its RPC surface):
+    generate(prompt_ids, prompt_token_ids, expected_version) -> pa.Table   # RolloutBatch rows, n per prompt
+    load_weights(update: WeightUpdate, buffers) -> dict                   # in place, via vLLM's reload path
+    served() -> dict                                                      # version + fingerprint the worker serves
+    prompt_logprobs(token_ids, prompt_lens) -> list[np.ndarray]           # canary after a sync
+    shutdown()
+
+Writes the rollout columns of the RolloutBatch (see oirl/batch.py): prompt_id, sample_index, prompt_token_ids,
+response_token_ids, response_logprobs, finish_reason, policy_version. Token ids are the engine's own; nothing is
+decoded and re-tokenized.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_engines: int = 1
+    """Number of vLLM engines (one Ray actor each)."""
+    samples_per_prompt: int = 4
+    """Samples generated per prompt (n)."""
+    max_new_tokens: int = 64
+    """Maximum generated tokens per sample."""
+    temperature: float = 1.0
+    """Sampling temperature; the learner scores with the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling; keep 1.0 for exact PPO ratios."""
+    kv_cache_gib: float = 1.0
+    """KV cache per engine on CPU (VLLM_CPU_KVCACHE_SPACE); without it vLLM reserves most of RAM."""
+    gpu_memory_utilization: float = 0.4
+    """Fraction of GPU memory an engine may use (GPU only)."""
+    cpu_threads_bind: str = "auto"
+    """VLLM_CPU_OMP_THREADS_BIND: 'auto', a core range like '0-1', or 'nobind'."""
+    in_process_engine: bool = True
+    """Run the engine inside the actor process (fast start on CPU); false = vLLM's own engine processes."""
+    num_cpus: float = 1.0
+    """Ray CPUs reserved per engine actor."""
+    num_gpus: float = 0.0
+    """Ray GPUs per engine actor (1 on GPU clusters)."""
+    max_num_seqs: int = 64
+    """vLLM scheduler batch limit."""
+    timeout_s: float = 900.0
+    """Longest wait for one generate call before the driver fails the iteration."""
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    transport: str = "auto"
+    """'shm' (/dev/shm files; engines on the learner's node), 'object_store' (Ray objects), or 'auto'."""
+    bucket_mb: int = 256
+    """Largest bucket of packed weights, in MiB."""
+    canary_tolerance: float = 1e-3
+    """Max |engine logprob - learner logprob| on the canary tokens after a sync (fp32)."""
+    canary_samples: int = 2
+    """Samples of the last batch re-scored by every engine after a sync."""
+    timeout_s: float = 300.0
+    """Longest wait for one engine to load a version."""
+
+
+class RolloutWorker:
+    def __init__(self, cfg: RolloutConfig, model_path: str, dtype: str, seed: int, engine_index: int = 0):
+        self.cfg = cfg
+        self.engine_index = engine_index
+        self.version = 0
+        # vLLM reads these when the engine is built; set before importing it.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gib)))))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cfg.cpu_threads_bind)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.in_process_engine else "1"
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(
+            model=model_path, tokenizer=model_path, dtype=dtype, seed=seed + engine_index,
+            max_num_seqs=cfg.max_num_seqs, enforce_eager=True, enable_prefix_caching=True,
+            worker_extension_cls="actors.vllm_extension.WeightReceiver",
+            logprobs_mode="processed_logprobs",  # logprobs of the distribution actually sampled (temperature)
+        )
+        if cfg.in_process_engine:
+            kwargs["distributed_executor_backend"] = "uni"
+        if cfg.num_gpus > 0:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        t0 = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        logger.info("engine %d ready in %.1fs", engine_index, time.perf_counter() - t0)
+
+    def generate(self, prompt_ids: list[int], prompt_token_ids: list[list[int]], expected_version: int) -> pa.Table:
+        """n samples for each prompt with the weights of ``expected_version``; returns RolloutBatch rows."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from oirl.batch import make_rollout_batch
+
+        if self.version != expected_version:
+            raise RuntimeError(
+                f"engine {self.engine_index} serves version {self.version} but the driver expects "
+                f"{expected_version}; a weight sync was missed"
+            )
+        params = SamplingParams(
+            n=self.cfg.samples_per_prompt, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+            max_tokens=self.cfg.max_new_tokens, logprobs=0,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params,
+                                    use_tqdm=False)
+        rows: dict[str, list] = {k: [] for k in ("pid", "idx", "prompt", "resp", "lp", "finish")}
+        for pid, ids, out in zip(prompt_ids, prompt_token_ids, outputs):
+            for j, c in enumerate(out.outputs):
+                tokens = list(c.token_ids)
+                rows["pid"].append(pid)
+                rows["idx"].append(j)
+                rows["prompt"].append(ids)
+                rows["resp"].append(tokens)
+                rows["lp"].append([step[t].logprob for step, t in zip(c.logprobs, tokens)])
+                rows["finish"].append(c.finish_reason or "length")
+        return make_rollout_batch(rows["pid"], rows["idx"], rows["prompt"], rows["resp"], rows["lp"],
+                                  rows["finish"], self.version)
+
+    def load_weights(self, update: Any, buffers: list[Any] | None = None) -> dict:
+        """Receive version k+1: fetch buckets, check the fingerprint, reload in place, reset the prefix cache.
+
+        update: oirl.weights.WeightUpdate. buffers: filled by Ray when the driver passes ObjectRefs of the
+        buckets (object_store); None for shm, where each bucket.location is a /dev/shm path.
+        """
+        from oirl.weights import fingerprint
+
+        t0 = time.perf_counter()
+        if update.transport == "shm":
+            arrays = [np.memmap(b.location, dtype=np.uint8, mode="c") for b in update.buckets]
+        else:
+            assert buffers is not None, "object_store transport needs the bucket buffers"
+            arrays = list(buffers)
+        t_fetch = time.perf_counter()
+        got = fingerprint(update.buckets, arrays)
+        if got != update.fingerprint:
+            raise RuntimeError(
+                f"engine {self.engine_index}: weights for version {update.version} arrived corrupted "
+                f"(fingerprint {got} != {update.fingerprint})"
+            )
+        if not self.cfg.in_process_engine and update.transport == "shm":
+            arrays = [b.location for b in update.buckets]  # the worker process maps the files itself
+        elif not self.cfg.in_process_engine:
+            arrays = [bytes(a) for a in arrays]  # crosses vLLM's msgpack RPC
+        t_hash = time.perf_counter()
+        self.llm.collective_rpc("oirl_reload", args=(update.buckets, arrays, update.version, update.fingerprint))
+        self.llm.reset_prefix_cache()
+        self.version = update.version
+        t_end = time.perf_counter()
+        return {"engine": self.engine_index, "version": update.version, "fetch_s": t_fetch - t0,
+                "verify_s": t_hash - t_fetch, "reload_s": t_end - t_hash, "seconds": t_end - t0}
+
+    def served(self) -> dict:
+        """Version and fingerprint as reported by the engine's worker itself (not the actor's bookkeeping)."""
+        reports = self.llm.collective_rpc("oirl_served")
+        return {"engine": self.engine_index, "workers": reports}
+
+    def prompt_logprobs(self, token_ids: list[list[int]], prompt_lens: list[int]) -> list[np.ndarray]:
+        """Engine logprob of every token after prompt_lens[i] in token_ids[i] (temperature 1, canary)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=False)
+        result = []
+        for ids, plen, out in zip(token_ids, prompt_lens, outs):
+            lps = out.prompt_logprobs
+            result.append(np.array([lps[i][ids[i]].logprob for i in range(plen, len(ids))], dtype=np.float32))
+        return result
+
+    def shutdown(self) -> None:
+        # Leftover engine processes otherwise fill /dev/shm (see DESIGN.md).
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()

@@ -1,0 +1,50 @@
+"""vLLM worker extension: runs inside the engine's worker, next to the model runner.
+
+Passed to vLLM as ``worker_extension_cls="actors.vllm_extension.WeightReceiver"``; the rollout actor calls its
+methods with ``llm.collective_rpc(name, args=...)``. Weights are loaded in place through vLLM's own reload path
+(``model_runner.reload_weights``), which takes HF parameter names and redoes the CPU weight packing; plain
+``model.load_weights`` fails on CPU, where linear weights live in packed oneDNN handles.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+
+
+class WeightReceiver:
+    """Mixed into vLLM's Worker class; ``self.model_runner`` is the worker's model runner."""
+
+    def oirl_reload(self, buckets: list[Any], arrays: list[Any], version: int, fingerprint: str) -> dict:
+        """Load every bucket in one reload call (vLLM's layerwise reload expects the full set at once).
+
+        buckets: list[oirl.weights.Bucket]; arrays: one uint8 buffer per bucket, or a /dev/shm path (str)
+        when this worker runs in another process than the rollout actor.
+        """
+        from oirl.weights import unpack_bucket
+
+        buffers = [np.memmap(a, dtype=np.uint8, mode="c") if isinstance(a, str) else a for a in arrays]
+        named = itertools.chain.from_iterable(unpack_bucket(b, buf) for b, buf in zip(buckets, buffers))
+        self.model_runner.reload_weights(weights_iterator=_with_tied_head(named))
+        self.oirl_version = version
+        self.oirl_fingerprint = fingerprint
+        return {"version": version, "fingerprint": fingerprint}
+
+    def oirl_served(self) -> dict:
+        """The version and fingerprint of the weights this worker last loaded (-1 before any sync)."""
+        return {"version": getattr(self, "oirl_version", -1), "fingerprint": getattr(self, "oirl_fingerprint", "")}
+
+
+def _with_tied_head(named):
+    """Tied embeddings travel once (as the embedding); vLLM's layerwise reload still wants an lm_head tensor,
+    else the head keeps its old packed weights. Re-yield the embedding under the head's name: no extra bytes."""
+    seen_head, embed = False, None
+    for name, tensor in named:
+        seen_head |= name == "lm_head.weight"
+        if name == "model.embed_tokens.weight":
+            embed = tensor
+        yield name, tensor
+    if not seen_head and embed is not None:
+        yield "lm_head.weight", embed

