@@ -95,8 +95,17 @@ class RolloutWorker:
         self.llm = LLM(**kwargs)
         logger.info("engine %d ready in %.1fs", engine_index, time.perf_counter() - t0)
 
-    def generate(self, prompt_ids: list[int], prompt_token_ids: list[list[int]], expected_version: int) -> pa.Table:
-        """n samples for each prompt with the weights of ``expected_version``; returns RolloutBatch rows."""
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def generate(self, prompt_ids: list[int], prompt_token_ids: list[list[int]], expected_version: int,
+                 seeds: list[int] | None = None) -> pa.Table:
+        """n samples for each prompt with the weights of ``expected_version``; returns RolloutBatch rows.
+
+        seeds: one sampling seed per prompt, so a resumed run draws the same samples as an uninterrupted one.
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -107,10 +116,10 @@ class RolloutWorker:
                 f"engine {self.engine_index} serves version {self.version} but the driver expects "
                 f"{expected_version}; a weight sync was missed"
             )
-        params = SamplingParams(
-            n=self.cfg.samples_per_prompt, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-            max_tokens=self.cfg.max_new_tokens, logprobs=0,
-        )
+        seeds = seeds if seeds is not None else [None] * len(prompt_ids)
+        params = [SamplingParams(n=self.cfg.samples_per_prompt, temperature=self.cfg.temperature,
+                                 top_p=self.cfg.top_p, max_tokens=self.cfg.max_new_tokens, logprobs=0, seed=s)
+                  for s in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params,
                                     use_tqdm=False)
         rows: dict[str, list] = {k: [] for k in ("pid", "idx", "prompt", "resp", "lp", "finish")}
@@ -126,20 +135,21 @@ class RolloutWorker:
         return make_rollout_batch(rows["pid"], rows["idx"], rows["prompt"], rows["resp"], rows["lp"],
                                   rows["finish"], self.version)
 
-    def load_weights(self, update: Any, buffers: list[Any] | None = None) -> dict:
+    def load_weights(self, update: Any, timeout_s: float = 300.0) -> dict:
         """Receive version k+1: fetch buckets, check the fingerprint, reload in place, reset the prefix cache.
 
-        update: oirl.weights.WeightUpdate. buffers: filled by Ray when the driver passes ObjectRefs of the
-        buckets (object_store); None for shm, where each bucket.location is a /dev/shm path.
+        update: oirl.weights.WeightUpdate; each bucket.location is a /dev/shm path (shm) or an ObjectRef
+        (object_store: zero-copy from the node's object store, fetched by Ray across nodes).
         """
+        import ray
+
         from oirl.weights import fingerprint
 
         t0 = time.perf_counter()
         if update.transport == "shm":
             arrays = [np.memmap(b.location, dtype=np.uint8, mode="c") for b in update.buckets]
         else:
-            assert buffers is not None, "object_store transport needs the bucket buffers"
-            arrays = list(buffers)
+            arrays = ray.get([b.location for b in update.buckets], timeout=timeout_s)
         t_fetch = time.perf_counter()
         got = fingerprint(update.buckets, arrays)
         if got != update.fingerprint:

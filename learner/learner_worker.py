@@ -1,0 +1,395 @@
+"""LearnerWorker: one rank of the DeepSpeed ZeRO group that trains policy + critic with PPO.
+
+Holds the policy (an HF causal LM) with a value head on its last hidden state (the critic shares the backbone),
+and a frozen reference model for the KL term. All ranks form one torch.distributed group (gloo on CPU, NCCL on
+GPU); rank r trains on rows r::M of each RolloutBatch, and DeepSpeed averages gradients, so M ranks take the same
+step as one rank on the whole batch (losses are normalised by the global token count).
+
+Public methods (called on every rank by learner.group.LearnerGroup):
+    master_address() -> (ip, port)                 # rank 0 only, before setup
+    setup(master_ip, master_port)                  # joins the group, builds models and the DeepSpeed engine
+    prepare(batch, iteration) -> stats             # old/ref logprobs, values, KL-shaped rewards, GAE
+    update() -> stats                              # PPO epochs over mini-batches
+    export_weights(version, transport, ...) -> WeightUpdate | None (rank 0)
+    logprobs(token_ids, prompt_lens) -> list[np.ndarray] | None (rank 0)
+    save_checkpoint(dir, tag, client_state) / load_checkpoint(dir) -> client_state
+    save_hf(dir) / full_state() -> dict[str, np.ndarray] (tests)
+
+Reads the RolloutBatch columns prompt_token_ids, response_token_ids, response_logprobs, reward.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_ranks: int = 2
+    """Ranks in the ZeRO group (Ray actors)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    lr: float = 1e-5
+    """AdamW learning rate (policy and value head)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    ppo_epochs: int = 1
+    """Passes over each batch."""
+    num_minibatches: int = 1
+    """Optimizer steps per epoch (the batch splits evenly)."""
+    clip_ratio: float = 0.2
+    """PPO ratio clip epsilon."""
+    value_clip: float = 0.2
+    """Clip of the value update around the old values."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    kl_coef: float = 0.05
+    """KL penalty coefficient in the per-token reward."""
+    kl_estimator: str = "k1"
+    """KL estimator in the reward: 'k1' (log ratio) or 'k3' (non-negative)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    gamma: float = 1.0
+    """Discount over response tokens."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the whole batch (all ranks)."""
+    flip_advantage_sign: bool = False
+    """Sanity switch for tests: train against the reward (learning must then fail)."""
+    forward_batch_size: int = 8
+    """Rows per no-grad forward in prepare()."""
+    num_cpus: float = 1.0
+    """Ray CPUs per rank."""
+    num_gpus: float = 0.0
+    """Ray GPUs per rank (1 on GPU clusters)."""
+    cpu_shm_allreduce: bool = False
+    """Use DeepSpeed's shared-memory allreduce op on CPU (JIT-compiles ~150 s on first use); false = plain gloo."""
+    timeout_s: float = 1800.0
+    """Longest wait for one learner call (collectives use it too)."""
+
+
+class PolicyWithValue:
+    """Builds the policy module lazily so this file imports without torch."""
+
+    @staticmethod
+    def build(lm: Any, seed: int) -> Any:
+        import torch
+
+        class _Module(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.lm = lm
+                g = torch.Generator().manual_seed(seed)
+                self.value_head = torch.nn.Linear(lm.config.hidden_size, 1)
+                with torch.no_grad():
+                    self.value_head.weight.copy_(torch.randn(self.value_head.weight.shape, generator=g) * 1e-3)
+                    self.value_head.bias.zero_()
+
+            def forward(self, input_ids, attention_mask, resp_index, temperature: float = 1.0):
+                """-> logits [B, R, V] at the positions that predict response tokens, values [B, R]."""
+                hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                idx = resp_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+                h = hidden.gather(1, idx)
+                return self.lm.lm_head(h) / temperature, self.value_head(h).squeeze(-1).float()
+
+        return _Module()
+
+
+def _ref_logits(ref: Any, input_ids: Any, attention_mask: Any, resp_index: Any, temperature: float) -> Any:
+    hidden = ref.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    h = hidden.gather(1, resp_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return ref.lm_head(h) / temperature
+
+
+class LearnerWorker:
+    def __init__(self, cfg: LearnerConfig, rank: int, model_path: str, dtype: str, seed: int,
+                 temperature: float, run_id: str):
+        self.cfg, self.rank, self.world = cfg, rank, cfg.num_ranks
+        self.model_path, self.dtype_name, self.seed = model_path, dtype, seed
+        self.temperature, self.run_id = temperature, run_id
+        self.data: dict[str, Any] = {}
+        self.iteration = 0
+        self.shm_files: dict[int, list[str]] = {}
+        if cfg.num_gpus == 0:
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+    def master_address(self) -> tuple[str, int]:
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def setup(self, master_ip: str, master_port: int, micro_batch: int) -> dict:
+        t0 = time.perf_counter()
+        os.environ.update(MASTER_ADDR=master_ip, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world), LOCAL_RANK="0" if self.cfg.num_gpus else str(self.rank))
+        import deepspeed
+        import deepspeed.ops
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not self.cfg.cpu_shm_allreduce:
+            # The shm allreduce op JIT-compiles for ~150 s on a fresh machine; gloo alone is correct and
+            # fast enough for CPU-sized models (measured, DESIGN.md).
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        backend = "nccl" if self.cfg.num_gpus else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=self.cfg.timeout_s))
+        from deepspeed.accelerator import get_accelerator
+
+        self.device = torch.device(get_accelerator().current_device_name())
+        dtype = getattr(torch, self.dtype_name)
+        torch.manual_seed(self.seed)
+        tok = AutoTokenizer.from_pretrained(self.model_path)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        lm = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        lm.config.use_cache = False
+        module = PolicyWithValue.build(lm, self.seed)
+        self.ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
+        self.ref.requires_grad_(False)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": micro_batch * self.world,
+            "zero_optimization": {"stage": self.cfg.zero_stage},
+            "optimizer": {"type": "AdamW", "params": {"lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay,
+                                                      "torch_adam": True, "adam_w_mode": True}},
+            "gradient_clipping": self.cfg.max_grad_norm,
+            "bf16": {"enabled": self.dtype_name == "bfloat16"},
+            "steps_per_print": 1 << 30,
+        }
+        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
+        self.module = self.engine.module
+        return {"rank": self.rank, "seconds": time.perf_counter() - t0}
+
+    # ---- PPO -------------------------------------------------------------------------------------------------
+
+    def _forward_no_grad(self, model_fn, keys: tuple[str, ...]) -> list[Any]:
+        import torch
+
+        d, n, outs = self.data, self.data["input_ids"].shape[0], []
+        with torch.no_grad():
+            for s in range(0, n, self.cfg.forward_batch_size):
+                sl = slice(s, s + self.cfg.forward_batch_size)
+                outs.append(model_fn(*(d[k][sl] for k in keys)))
+        return outs
+
+    def _allreduce(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def prepare(self, batch: Any, iteration: int) -> dict:
+        """Score this rank's rows: old logprobs + values (policy), reference logprobs, rewards, GAE."""
+        import torch
+
+        from learner import ppo
+
+        self.iteration = iteration
+        rows = np.arange(self.rank, batch.num_rows, self.world)
+        d = {k: v.to(self.device) for k, v in ppo.pad_batch(batch.take(rows), self.pad_id).items()}
+        self.data = d
+        keys = ("input_ids", "attention_mask", "resp_index")
+        temp = self.temperature
+        pol = self._forward_no_grad(lambda i, a, r: self.engine(i, a, r, temp), keys)
+        ref = self._forward_no_grad(lambda i, a, r: _ref_logits(self.ref, i, a, r, temp), keys)
+        logits = [x[0] for x in pol]
+        fb = self.cfg.forward_batch_size
+        ids_chunks = [d["resp_ids"][s: s + fb] for s in range(0, len(rows), fb)]
+        d["old_logprobs"] = torch.cat([ppo.logprobs_from_logits(lg, ids) for lg, ids in zip(logits, ids_chunks)])
+        d["ref_logprobs"] = torch.cat([ppo.logprobs_from_logits(lg, ids) for lg, ids in zip(ref, ids_chunks)])
+        d["old_values"] = torch.cat([x[1] for x in pol])
+        mask = d["resp_mask"]
+        kl = ppo.kl_estimate(d["old_logprobs"], d["ref_logprobs"], self.cfg.kl_estimator) * mask
+        rewards = ppo.token_rewards(d["reward"], kl, mask, self.cfg.kl_coef)
+        adv, d["returns"] = ppo.compute_gae(rewards, d["old_values"], mask, self.cfg.gamma, self.cfg.gae_lambda)
+        n_tok, s1, s2 = self._allreduce([mask.sum().item(), ppo.masked_sum(adv, mask).item(),
+                                         ppo.masked_sum(adv**2, mask).item()])
+        if self.cfg.whiten_advantages:
+            mean = s1 / n_tok
+            adv = ppo.masked_whiten(adv, mask, torch.tensor(mean), torch.tensor(max(s2 / n_tok - mean**2, 0.0)))
+        d["advantages"] = -adv if self.cfg.flip_advantage_sign else adv
+        lp_diff = ((d["old_logprobs"] - d["engine_logprobs"]).abs() * mask).max().item()
+        kl_sum, v_sum, r_sum, n_seq = self._allreduce([ppo.masked_sum(kl, mask).item(),
+                                                       ppo.masked_sum(d["old_values"], mask).item(),
+                                                       d["reward"].sum().item(), float(len(rows))])
+        return {"kl/mean": kl_sum / n_seq, "kl/per_token": kl_sum / n_tok, "learner/value_mean": v_sum / n_tok,
+                "rollout/engine_learner_logprob_max_abs_diff": lp_diff, "learner/tokens": n_tok}
+
+    def update(self) -> dict:
+        """PPO epochs over mini-batches; the loss is a token mean over the global mini-batch."""
+        import torch
+
+        from learner import ppo
+
+        d, cfg = self.data, self.cfg
+        n = d["input_ids"].shape[0]
+        totals: dict[str, float] = {}
+        steps = 0
+        for epoch in range(cfg.ppo_epochs):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration * 101 + epoch)
+            perm = torch.randperm(n, generator=g)
+            for mb in perm.chunk(cfg.num_minibatches):
+                mask = d["resp_mask"][mb]
+                t_len = int(d["attention_mask"][mb].sum(1).max())
+                logits, values = self.engine(d["input_ids"][mb, :t_len], d["attention_mask"][mb, :t_len],
+                                             d["resp_index"][mb].clamp(max=t_len - 1), self.temperature)
+                logp = ppo.logprobs_from_logits(logits, d["resp_ids"][mb])
+                pg, clipped = ppo.policy_loss(logp, d["old_logprobs"][mb], d["advantages"][mb], cfg.clip_ratio)
+                vl = ppo.value_loss(values, d["old_values"][mb], d["returns"][mb], cfg.value_clip)
+                ent = ppo.entropy_from_logits(logits) if cfg.entropy_coef else torch.zeros_like(logp)
+                (n_tok,) = self._allreduce([mask.sum().item()])
+                per_token = pg + cfg.vf_coef * vl - cfg.entropy_coef * ent
+                # DeepSpeed averages gradients over ranks: scale by world / global tokens -> global token mean.
+                loss = ppo.masked_sum(per_token, mask) * (self.world / n_tok)
+                self.engine.backward(loss)
+                self.engine.step()
+                with torch.no_grad():
+                    approx_kl = ppo.masked_sum(d["old_logprobs"][mb] - logp, mask)
+                    local = [ppo.masked_sum(pg, mask).item(), ppo.masked_sum(vl, mask).item(),
+                             ppo.masked_sum(clipped, mask).item(), approx_kl.item(),
+                             ppo.masked_sum(ent, mask).item()]
+                pg_s, vl_s, cf_s, ak_s, en_s = self._allreduce(local)
+                for key, val in (("policy_loss", pg_s), ("value_loss", vl_s), ("clipfrac", cf_s),
+                                 ("approx_kl", ak_s), ("entropy", en_s)):
+                    totals[key] = totals.get(key, 0.0) + val / n_tok
+                gn = self.engine.get_global_grad_norm()
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(gn if gn is not None else 0.0)
+                steps += 1
+        return {f"learner/{k}": v / steps for k, v in totals.items()}
+
+    # ---- weights ---------------------------------------------------------------------------------------------
+
+    def _gathered(self):
+        import contextlib
+
+        import deepspeed
+
+        if self.cfg.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def export_weights(self, version: int, transport: str, bucket_mb: int, shm_dir: str = "/dev/shm") -> Any:
+        """Pack the policy's HF-named weights into buckets (rank 0); every rank joins the ZeRO-3 gather."""
+        import ray
+
+        from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets
+
+        with self._gathered():
+            if self.rank != 0:
+                return None
+            t0 = time.perf_counter()
+            named = [(n, p.data) for n, p in self.module.lm.named_parameters()]
+            buckets, buffers = [], []
+            files = []
+            for i, group in enumerate(plan_buckets(named, bucket_mb << 20)):
+                if transport == "shm":
+                    path = os.path.join(shm_dir, f"oirl-{self.run_id}-v{version}-b{i}.bin")
+                    files.append(path)
+                    bucket, buf = pack_bucket(group, lambda n, p=path: np.memmap(p, dtype=np.uint8, mode="w+",
+                                                                                  shape=(max(n, 1),))[:n])
+                    bucket.location = path
+                else:
+                    bucket, buf = pack_bucket(group, lambda n: np.empty(n, dtype=np.uint8))
+                buckets.append(bucket)
+                buffers.append(buf)
+            fp = fingerprint(buckets, buffers)
+            if transport == "shm":
+                for buf in buffers:
+                    if isinstance(buf, np.memmap):
+                        buf.flush()
+                self.shm_files[version] = files
+            else:
+                for bucket, buf in zip(buckets, buffers):
+                    bucket.location = ray.put(buf)
+            update = WeightUpdate(version, transport, buckets, fp, sum(b.nbytes for b in buckets))
+            update.pack_seconds = time.perf_counter() - t0
+            return update
+
+    def release_weights(self, version: int) -> None:
+        """Delete the /dev/shm files of a version once every engine has loaded it."""
+        for path in self.shm_files.pop(version, []):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def logprobs(self, token_ids: list[list[int]], prompt_lens: list[int]) -> list[np.ndarray] | None:
+        """Learner logprobs (temperature 1) of tokens after prompt_lens[i]; the sync canary compares them."""
+        import torch
+
+        from learner import ppo
+        from oirl.batch import make_rollout_batch
+
+        table = make_rollout_batch(list(range(len(token_ids))), [0] * len(token_ids),
+                                   [t[:p] for t, p in zip(token_ids, prompt_lens)],
+                                   [t[p:] for t, p in zip(token_ids, prompt_lens)],
+                                   [[0.0] * (len(t) - p) for t, p in zip(token_ids, prompt_lens)],
+                                   ["length"] * len(token_ids), 0)
+        d = {k: v.to(self.device) for k, v in ppo.pad_batch(table, self.pad_id).items()}
+        with torch.no_grad():
+            logits, _ = self.engine(d["input_ids"], d["attention_mask"], d["resp_index"], 1.0)
+            lp = ppo.logprobs_from_logits(logits, d["resp_ids"]).cpu().numpy()
+        if self.rank != 0:
+            return None
+        return [lp[i, : len(t) - p] for i, (t, p) in enumerate(zip(token_ids, prompt_lens))]
+
+    def full_state(self) -> dict[str, np.ndarray] | None:
+        """Every trainable parameter as numpy (rank 0); for tests on tiny models."""
+        with self._gathered():
+            if self.rank != 0:
+                return None
+            return {n: p.detach().float().cpu().numpy().copy() for n, p in self.module.named_parameters()}
+
+    # ---- persistence -----------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+
+    def load_checkpoint(self, directory: str) -> dict:
+        path, client_state = self.engine.load_checkpoint(directory)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
+        return client_state
+
+    def save_hf(self, out_dir: str) -> None:
+        """The policy as a plain HF folder (weights + config + tokenizer) that transformers and vLLM load."""
+        import torch
+
+        with self._gathered():
+            if self.rank != 0:
+                return
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            state = {n: p.detach().cpu().clone() for n, p in self.module.lm.state_dict().items()}
+            self.module.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
+            torch.save(self.module.value_head.state_dict(), out / "value_head.pt")
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "chat_template.jinja", "generation_config.json"):
+                src = Path(self.model_path) / name
+                if src.is_file():
+                    shutil.copy(src, out / name)

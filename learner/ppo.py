@@ -1,0 +1,143 @@
+"""PPO math for RLHF, on response-aligned tensors of shape [B, R] (B samples, R = longest response).
+
+Token t of a response is an action; its state is the prompt plus tokens < t (the dynamics are known: append the
+token). The sequence reward arrives on the last response token; a KL penalty against the frozen reference policy is
+paid on every token (Ziegler et al. 2019; Ouyang et al. 2022). GAE (Schulman et al. 2016) turns the per-token
+rewards and critic values into advantages; the clipped surrogate (Schulman et al. 2017) and a clipped value loss
+train policy and critic.
+
+``pad_batch`` is the one place where RolloutBatch rows become padded tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from oirl.batch import list_column_numpy
+
+
+def pad_batch(table: pa.Table, pad_id: int) -> dict[str, torch.Tensor]:
+    """RolloutBatch rows -> right-padded tensors.
+
+    Returns input_ids [B, T] (prompt + response), attention_mask [B, T], resp_index [B, R] (position whose
+    next-token prediction is response token t; clamped where masked), resp_mask [B, R] (float), resp_ids [B, R],
+    engine_logprobs [B, R], and reward [B] when the batch has a reward column.
+    """
+    p_flat, p_off = list_column_numpy(table, "prompt_token_ids")
+    r_flat, r_off = list_column_numpy(table, "response_token_ids")
+    lp_flat, _ = list_column_numpy(table, "response_logprobs")
+    p_len, r_len = np.diff(p_off), np.diff(r_off)
+    b = len(p_len)
+    t_max = int((p_len + r_len).max()) if b else 0
+    r_max = max(int(r_len.max()) if b else 0, 1)
+    input_ids = np.full((b, t_max), pad_id, dtype=np.int64)
+    attention = np.zeros((b, t_max), dtype=np.int64)
+    resp_ids = np.full((b, r_max), pad_id, dtype=np.int64)
+    engine_lp = np.zeros((b, r_max), dtype=np.float32)
+    resp_mask = np.zeros((b, r_max), dtype=np.float32)
+    for i in range(b):
+        pl, rl = int(p_len[i]), int(r_len[i])
+        input_ids[i, :pl] = p_flat[p_off[i]: p_off[i + 1]]
+        input_ids[i, pl: pl + rl] = r_flat[r_off[i]: r_off[i + 1]]
+        attention[i, : pl + rl] = 1
+        resp_ids[i, :rl] = r_flat[r_off[i]: r_off[i + 1]]
+        engine_lp[i, :rl] = lp_flat[r_off[i]: r_off[i + 1]]
+        resp_mask[i, :rl] = 1.0
+    resp_index = np.clip((p_len[:, None] - 1) + np.arange(r_max)[None, :], 0, max(t_max - 1, 0))
+    out = {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "resp_index": torch.from_numpy(resp_index.astype(np.int64)),
+        "resp_ids": torch.from_numpy(resp_ids),
+        "resp_mask": torch.from_numpy(resp_mask),
+        "engine_logprobs": torch.from_numpy(engine_lp),
+    }
+    if "reward" in table.column_names:
+        out["reward"] = torch.from_numpy(table.column("reward").to_numpy().astype(np.float32))
+    return out
+
+
+def logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logits [B, R, V], ids [B, R] -> log p(ids) [B, R]."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, R, V] -> entropy [B, R]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman, 'Approximating KL divergence').
+
+    k1 = log pi - log ref (unbiased, can be negative); k3 = r - 1 - log r with r = ref/pi (unbiased, >= 0).
+    """
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}; use 'k1' or 'k3'")
+
+
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """score [B], kl [B, R], mask [B, R] -> per-token reward [B, R]: -kl_coef*kl, plus score on the last token."""
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(score)), last] += score * (mask.sum(-1) > 0)
+    return rewards
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over [B, R] right-padded responses; the value after the last token is 0 (episode ends).
+
+    Returns (advantages [B, R], returns [B, R]) with zeros at padded positions.
+    """
+    b, r = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last_gae = torch.zeros(b, dtype=rewards.dtype)
+    next_value = torch.zeros(b, dtype=rewards.dtype)
+    for t in reversed(range(r)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        last_gae = last_gae * m  # padded steps carry nothing back
+        adv[:, t] = last_gae
+        next_value = values[:, t] * m
+    returns = (adv + values) * mask
+    return adv, returns
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """(x - mean)/std on valid tokens; mean and var are passed in so they can be global across ranks."""
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate: -min(ratio*A, clip(ratio, 1-c, 1+c)*A). Returns (loss [B,R], clipped [B,R])."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * adv
+    return -torch.min(unclipped, clipped), (clipped < unclipped).float()
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               clip: float) -> torch.Tensor:
+    """Per-token clipped value loss: 0.5*max((v-R)^2, (old + clip(v-old, -c, c) - R)^2)."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum()
+
+
+def to_float(stats: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in stats.items()}

@@ -1,0 +1,81 @@
+"""Run metrics: one JSON object per iteration in metrics.jsonl, the same scalars in TensorBoard, and a PNG of the
+reward / KL / throughput curves at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, start_iteration: int = 0):
+        self.path = out_dir / "metrics.jsonl"
+        if self.path.exists():
+            # A resumed run rewrites the iterations after its checkpoint: keep only the ones before it.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iteration"] < start_iteration]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:  # tensorboard is a declared dependency; keep running if a user removed it
+            logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics, sort_keys=True) + "\n")
+        if self.tb is not None:
+            step = int(metrics["iteration"])
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "iteration":
+                    self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> None:
+    """Reward, KL, generation throughput and per-phase time per iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return
+    it = [r["iteration"] for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    axes[0].plot(it, [r["reward/mean"] for r in rows], marker="o")
+    axes[0].set_title("reward/mean")
+    axes[1].plot(it, [r["kl/mean"] for r in rows], marker="o", color="tab:red")
+    axes[1].set_title("kl/mean (per sequence)")
+    axes[2].plot(it, [r.get("perf/gen_tokens_per_s", 0.0) for r in rows], marker="o", color="tab:green")
+    axes[2].set_title("generation tokens/s")
+    phases = sorted({k for r in rows for k in r if k.startswith("timing_s/") and k != "timing_s/iteration"})
+    bottom = [0.0] * len(rows)
+    for phase in phases:
+        vals = [r.get(phase, 0.0) for r in rows]
+        axes[3].bar(it, vals, bottom=bottom, label=phase.split("/", 1)[1])
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    axes[3].set_title("seconds per phase")
+    axes[3].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("iteration")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
