@@ -129,6 +129,11 @@ def _coerce(path: str, value: Any, default: Any) -> Any:
     if isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{path}={value!r} must be a number")
     if isinstance(default, str):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
