@@ -32,12 +32,19 @@ def extract_final_answer(response: str) -> tuple[float | None, bool]:
     return (_to_number(numbers[-1]) if numbers else None), False
 
 
+def ends_with_number(response: str) -> bool:
+    lines = [line for line in response.strip().splitlines() if line.strip()]
+    return bool(lines) and bool(_NUMBER.search(lines[-1]))
+
+
 def gsm8k_reward(response: str, reference: str, format_bonus: float = 0.0) -> float:
-    """1 for a final answer equal to the reference number, plus format_bonus for a '#### <number>' ending."""
+    """1 for a final answer equal to the reference number, plus format_bonus for a '#### <number>' ending, or half
+    of it for a response whose last line holds a number (a step a small model can find and climb from)."""
     target = _to_number(reference)
     value, formatted = extract_final_answer(response)
     correct = value is not None and target is not None and abs(value - target) < 1e-6
-    return float(correct) + (format_bonus if formatted else 0.0)
+    shaped = format_bonus if formatted else (0.5 * format_bonus if ends_with_number(response) else 0.0)
+    return float(correct) + shaped
 
 
 def digit_fraction(token_texts: list[str]) -> float:

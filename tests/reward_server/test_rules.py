@@ -7,11 +7,12 @@ from reward_server import rules
 
 @pytest.mark.parametrize("response, reward", [
     ("She has 3 + 4 = 7 apples.\n#### 7", 1.5),
-    ("The answer is 7.", 1.0),          # last number, no format bonus
+    ("The answer is 7.", 1.25),         # last number on the last line: half the format bonus
+    ("7 apples.\nThat is all", 1.0),   # correct last number, but the last line has no number
     ("#### 1,234", 0.5),                # formatted but wrong (reference 7)
     ("#### 7.0", 1.5),
     ("#### $7", 1.5),
-    ("I think 8 then 7 then 9", 0.0),
+    ("I think 8 then 7 then 9", 0.25),
     ("no digits here", 0.0),
 ])
 def test_gsm8k_reward(response, reward):
