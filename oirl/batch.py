@@ -41,7 +41,7 @@ def _list_column(seqs: Sequence[Sequence[float]], dtype: pa.DataType, np_dtype: 
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
     offsets = np.zeros(len(seqs) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter((v for s in seqs for v in s), dtype=np_dtype, count=int(offsets[-1]))
+    flat: np.ndarray = np.fromiter((v for s in seqs for v in s), dtype=np_dtype, count=int(offsets[-1]))
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=dtype))
 
 

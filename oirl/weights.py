@@ -87,7 +87,10 @@ def pack_bucket(group: list[tuple[str, torch.Tensor]], alloc: Callable[[int], np
 
 def unpack_bucket(bucket: Bucket, buf: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
     """Views into ``buf`` (no copy): the engine's reload copies them into its own parameters."""
-    raw = torch.frombuffer(memoryview(buf), dtype=torch.uint8) if buf.nbytes else torch.empty(0, dtype=torch.uint8)
+    if not buf.nbytes:
+        raw = torch.empty(0, dtype=torch.uint8)
+    else:
+        raw = torch.frombuffer(memoryview(buf), dtype=torch.uint8)  # type: ignore[arg-type]
     for m in bucket.tensors:
         yield m.name, raw[m.offset: m.offset + m.nbytes].view(_DTYPES[m.dtype]).view(m.shape)
 
@@ -97,5 +100,5 @@ def fingerprint(buckets: list[Bucket], buffers: list[np.ndarray]) -> str:
     for bucket, buf in zip(buckets, buffers):
         for m in bucket.tensors:
             h.update(f"{m.name}|{m.dtype}|{m.shape}|{m.offset}|{m.nbytes};".encode())
-        h.update(memoryview(buf).cast("B"))
+        h.update(memoryview(buf).cast("B"))  # type: ignore[arg-type]
     return h.hexdigest()

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import oirl_cmd, requires_loopback
 
 from oirl.config import REPO_ROOT
-from conftest import oirl_cmd, requires_loopback
 
 SMOKE = str(REPO_ROOT / "configs" / "smoke.yaml")
 LEARN_ITERS = 12
