@@ -21,9 +21,10 @@ logger = logging.getLogger(__name__)
 
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, model_path: str, dtype: str, seed: int, temperature: float,
-                 run_id: str, micro_batch: int):
+                 run_id: str, micro_batch: int, resources: dict[str, float] | None = None):
+        """resources: extra custom resources per rank (e.g. {'oirl_learner': 1} to pin ranks to a node group)."""
         self.cfg = cfg
-        bundles = [{"CPU": cfg.num_cpus, **({"GPU": cfg.num_gpus} if cfg.num_gpus else {})}
+        bundles = [{"CPU": cfg.num_cpus, **({"GPU": cfg.num_gpus} if cfg.num_gpus else {}), **(resources or {})}
                    for _ in range(cfg.num_ranks)]
         self.pg = placement_group(bundles, strategy="PACK", name=f"oirl-learner-{run_id}")
         try:
@@ -36,7 +37,8 @@ class LearnerGroup:
         remote_cls = ray.remote(LearnerWorker)
         self.workers = [
             remote_cls.options(
-                num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, name=f"oirl-learner-{run_id}-rank{r}",
+                num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=resources or {},
+                name=f"oirl-learner-{run_id}-rank{r}",
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
             ).remote(cfg, r, model_path, dtype, seed, temperature, run_id)
             for r in range(cfg.num_ranks)

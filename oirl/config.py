@@ -73,6 +73,8 @@ class RunConfig:
     """Ray cluster to join; empty = RAY_ADDRESS or an embedded local cluster."""
     ray_num_cpus: int = 0
     """Logical CPUs of the embedded local cluster (0 = what the placement plan needs, at least os.cpu_count())."""
+    pin_node_groups: bool = False
+    """Pin each role to its KubeRay worker group via the custom resource oirl_<group> (see oirl/plan.py)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: Any = None
@@ -199,8 +201,11 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load YAML (or the embedded default when path is None), apply dotted overrides, validate."""
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
+                check_paths: bool = True) -> RunConfig:
+    """Load YAML (or the embedded default when path is None), apply dotted overrides, validate.
+
+    check_paths=False skips checks of local files (data.path) for configs meant for another machine (plans)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -214,7 +219,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         ).is_file() else {}
     data = _merge(data, parse_overrides(overrides or []))
     cfg = _build(RunConfig, data, "")
-    validate(cfg)
+    validate(cfg, check_paths)
     return cfg
 
 
@@ -231,7 +236,7 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     """Fail fast, before any actor starts, with a message that names the field and the fix."""
     r, lr, d, s, rw = cfg.rollout, cfg.learner, cfg.data, cfg.sync, cfg.reward
     _check(cfg.iterations >= 1, f"iterations={cfg.iterations} must be >= 1")
@@ -241,7 +246,7 @@ def validate(cfg: RunConfig) -> None:
     _check(d.source in ("gsm8k", "synthetic"), f"data.source={d.source!r} must be 'gsm8k' or 'synthetic'")
     _check(d.prompts_per_iteration >= 1, f"data.prompts_per_iteration={d.prompts_per_iteration} must be >= 1")
     _check(d.max_prompt_tokens >= 1, f"data.max_prompt_tokens={d.max_prompt_tokens} must be >= 1")
-    if d.source == "gsm8k":
+    if d.source == "gsm8k" and check_paths:
         _check(resolve_path(d.path).is_file(),
                f"data.path={d.path!r} not found (looked in {resolve_path(d.path)}); GSM8K lives in "
                "../shared/data/gsm8k/train.jsonl beside the repository, or set data.source=synthetic")

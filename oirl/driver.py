@@ -28,6 +28,7 @@ from oirl.config import RunConfig
 from oirl.data import PromptDataset
 from oirl.metrics import MetricsLogger, plot_curves
 from oirl.models import resolve_model
+from oirl.plan import actor_options
 from oirl.sync import choose_transport, sync_weights
 from reward_server.reward_worker import RewardWorker
 
@@ -54,7 +55,8 @@ def start_ray(cfg: RunConfig) -> bool:
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
     env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        # A `ray job submit` entrypoint already runs in the job's runtime env (working_dir or image): join as is.
+        ray.init(address=address, log_to_driver=True)
         return False
     needed = (cfg.rollout.num_engines * cfg.rollout.num_cpus + cfg.learner.num_ranks * cfg.learner.num_cpus
               + cfg.reward.num_cpus)
@@ -86,12 +88,13 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     run_id = uuid.uuid4().hex[:8]
     r = cfg.rollout
     engine_cls = ray.remote(RolloutWorker)
-    engines = [engine_cls.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, name=f"oirl-engine-{run_id}-{i}")
+    engines = [engine_cls.options(**actor_options(cfg, "rollout"), name=f"oirl-engine-{run_id}-{i}")
                .remote(r, model_path, cfg.model.dtype, cfg.seed, i) for i in range(r.num_engines)]
-    reward = ray.remote(RewardWorker).options(num_cpus=cfg.reward.num_cpus, name=f"oirl-reward-{run_id}").remote(
+    reward = ray.remote(RewardWorker).options(**actor_options(cfg, "reward"), name=f"oirl-reward-{run_id}").remote(
         cfg.reward, model_path)
     micro_batch = cfg.batch_size // (cfg.learner.num_ranks * cfg.learner.num_minibatches)
-    learner = LearnerGroup(cfg.learner, model_path, cfg.model.dtype, cfg.seed, r.temperature, run_id, micro_batch)
+    learner = LearnerGroup(cfg.learner, model_path, cfg.model.dtype, cfg.seed, r.temperature, run_id, micro_batch,
+                           resources=actor_options(cfg, "learner").get("resources"))
     engine_nodes = wait([e.node_id.remote() for e in engines], r.timeout_s, "engine start-up")
     transport = choose_transport(cfg.sync.transport, learner.call_rank0("node_id"), engine_nodes)
     logger.info("%d engines, %d learner ranks (ZeRO-%d), weight transport %s", r.num_engines,

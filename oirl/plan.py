@@ -1,0 +1,158 @@
+"""Placement plan: the one source of truth for what a config asks of a cluster.
+
+``placement_plan(cfg)`` lists every role (rollout engines, learner ranks, reward actor) with its count, CPUs, GPUs
+and the KubeRay worker group it belongs to. The driver spawns actors with ``actor_options(cfg, role)``, and
+``check_manifest`` checks a RayCluster/RayJob manifest against the same plan, so the two cannot drift apart.
+
+With ``cluster.pin_node_groups`` each actor also asks for 1 unit of the custom resource ``oirl_<group>`` that its
+worker group advertises (``rayStartParams.resources``), so engines land on the rollout nodes, ranks on the learner
+nodes, and the reward actor on the reward nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ROLES = ("rollout", "learner", "reward")
+
+
+@dataclass(frozen=True)
+class RolePlan:
+    role: str
+    count: int
+    num_cpus: float
+    num_gpus: float
+    node_group: str
+
+    @property
+    def resource_name(self) -> str:
+        return f"oirl_{self.node_group}"
+
+
+def placement_plan(cfg: Any) -> list[RolePlan]:
+    return [
+        RolePlan("rollout", cfg.rollout.num_engines, cfg.rollout.num_cpus, cfg.rollout.num_gpus, "rollout"),
+        RolePlan("learner", cfg.learner.num_ranks, cfg.learner.num_cpus, cfg.learner.num_gpus, "learner"),
+        RolePlan("reward", 1, cfg.reward.num_cpus, 0.0, "reward"),
+    ]
+
+
+def actor_options(cfg: Any, role: str) -> dict[str, Any]:
+    """Ray actor options for one actor of ``role`` (the driver and the placement test both use this)."""
+    plan = {p.role: p for p in placement_plan(cfg)}[role]
+    opts: dict[str, Any] = {"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus}
+    if cfg.pin_node_groups:
+        opts["resources"] = {plan.resource_name: 1}
+    return opts
+
+
+def format_plan(cfg: Any) -> str:
+    rows = placement_plan(cfg)
+    lines = [f"{'role':<8} {'count':>5} {'cpus':>6} {'gpus':>5}  node group (custom resource)"]
+    for p in rows:
+        lines.append(f"{p.role:<8} {p.count:>5} {p.num_cpus:>6g} {p.num_gpus:>5g}  {p.node_group} ({p.resource_name})")
+    total_cpu = sum(p.count * p.num_cpus for p in rows)
+    total_gpu = sum(p.count * p.num_gpus for p in rows)
+    lines.append(f"total: {total_cpu:g} CPUs, {total_gpu:g} GPUs (+ the driver on the head node)")
+    return "\n".join(lines)
+
+
+def plan_json(cfg: Any) -> str:
+    return json.dumps([asdict(p) for p in placement_plan(cfg)], indent=2)
+
+
+# ---- manifests ---------------------------------------------------------------------------------------------------
+
+
+def parse_cpu(q: Any) -> float:
+    s = str(q)
+    return float(s[:-1]) / 1000 if s.endswith("m") else float(s)
+
+
+def _ray_container(template: dict) -> dict:
+    containers = template.get("spec", {}).get("containers", [])
+    for c in containers:
+        if c.get("name") in ("ray-head", "ray-worker"):
+            return c
+    return containers[0] if containers else {}
+
+
+def _gpu(resources: dict, kind: str) -> float:
+    return float(resources.get(kind, {}).get("nvidia.com/gpu", 0))
+
+
+def cluster_spec(manifest: dict) -> dict:
+    kind = manifest.get("kind")
+    if kind == "RayCluster":
+        return manifest["spec"]
+    if kind == "RayJob":
+        return manifest["spec"]["rayClusterSpec"]
+    raise ValueError(f"expected kind RayCluster or RayJob, got {kind!r}")
+
+
+def check_manifest(cfg: Any, manifest: dict, ray_version: str) -> list[str]:
+    """Rules the CRD schema cannot express. Returns a list of problems (empty = the manifest fits the plan)."""
+    problems: list[str] = []
+    name = manifest.get("metadata", {}).get("name", "?")
+    spec = cluster_spec(manifest)
+    if spec.get("rayVersion") != ray_version:
+        problems.append(f"{name}: rayVersion {spec.get('rayVersion')!r} != installed Ray {ray_version!r}")
+    head = spec.get("headGroupSpec", {})
+    if head.get("serviceType", "ClusterIP") not in ("ClusterIP",):
+        problems.append(f"{name}: head serviceType {head.get('serviceType')!r} exposes the dashboard and job API; "
+                        "use ClusterIP and reach it with kubectl port-forward")
+    if head.get("enableIngress"):
+        problems.append(f"{name}: headGroupSpec.enableIngress exposes the dashboard and job API publicly")
+    groups = {g.get("groupName"): g for g in spec.get("workerGroupSpecs", [])}
+    templates = [("head", head.get("template", {}))] + [(n, g.get("template", {})) for n, g in groups.items()]
+    for gname, tmpl in templates:
+        pod = tmpl.get("spec", {})
+        shm_volumes = {v["name"] for v in pod.get("volumes", [])
+                       if v.get("emptyDir", {}).get("medium") == "Memory"}
+        for c in pod.get("containers", []):
+            res = c.get("resources", {})
+            if _gpu(res, "limits") != _gpu(res, "requests"):
+                problems.append(f"{name}/{gname}/{c.get('name')}: nvidia.com/gpu limits {_gpu(res, 'limits'):g} "
+                                f"!= requests {_gpu(res, 'requests'):g}; set them equal")
+        ray_c = _ray_container(tmpl)
+        mounts = {m.get("name"): m.get("mountPath") for m in ray_c.get("volumeMounts", [])}
+        if not any(mounts.get(v) == "/dev/shm" for v in shm_volumes):
+            problems.append(f"{name}/{gname}: mount an emptyDir with medium: Memory at /dev/shm (Ray's object "
+                            "store and the shm weight transport need it)")
+    for g in groups.values():
+        lo, hi, n = g.get("minReplicas", 0), g.get("maxReplicas", 2**31), g.get("replicas", 0)
+        if not lo <= n <= hi:
+            problems.append(f"{name}/{g.get('groupName')}: replicas {n} outside [minReplicas {lo}, "
+                            f"maxReplicas {hi}]")
+    for p in placement_plan(cfg):
+        if p.count == 0:
+            continue
+        g = groups.get(p.node_group)
+        if g is None:
+            problems.append(f"{name}: no worker group '{p.node_group}' for the {p.count} {p.role} actor(s)")
+            continue
+        params = g.get("rayStartParams", {})
+        res_param = params.get("resources", "")
+        if cfg.pin_node_groups and p.resource_name not in str(res_param):
+            problems.append(f"{name}/{p.node_group}: rayStartParams.resources must advertise "
+                            f"'{p.resource_name}' (cluster.pin_node_groups is on)")
+        c = _ray_container(g.get("template", {}))
+        limits = c.get("resources", {}).get("limits", {})
+        node_cpu = parse_cpu(params.get("num-cpus", limits.get("cpu", 0)))
+        node_gpu = float(params.get("num-gpus", _gpu(c.get("resources", {}), "limits")))
+        fits = math.inf
+        if p.num_cpus > 0:
+            fits = min(fits, math.floor(node_cpu / p.num_cpus + 1e-9))
+        if p.num_gpus > 0:
+            fits = min(fits, math.floor(node_gpu / p.num_gpus + 1e-9))
+        capacity = g.get("replicas", 0) * fits
+        if capacity < p.count:
+            problems.append(
+                f"{name}/{p.node_group}: plan needs {p.count} {p.role} actor(s) x ({p.num_cpus:g} CPU, "
+                f"{p.num_gpus:g} GPU) but {g.get('replicas', 0)} replica(s) of ({node_cpu:g} CPU, {node_gpu:g} GPU) "
+                f"hold {capacity if capacity != math.inf else 'any number'}; raise replicas or node size"
+            )
+    return problems
