@@ -34,18 +34,37 @@ def main(argv: list[str] | None = None) -> int:
     p_model.add_argument("--config")
     p_show = sub.add_parser("show-config", help="print the resolved, validated config")
     p_show.add_argument("--config")
+    p_plan = sub.add_parser("plan", help="print the placement plan; --check validates KubeRay manifests against it")
+    p_plan.add_argument("--config")
+    p_plan.add_argument("--check", nargs="*", default=[], help="RayCluster/RayJob manifests to check")
+    p_plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p_sub = sub.add_parser("submit", help="submit `oirl train` as a Ray job to a running cluster")
+    p_sub.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
+                       help="Ray dashboard/job API address (default: http://127.0.0.1:8265)")
+    p_sub.add_argument("--config", required=True)
+    p_sub.add_argument("--out", required=True, help="output directory on the cluster (a checkpoint volume)")
+    p_sub.add_argument("--working-dir", default=None,
+                       help="upload this directory as the job's code (default: none, the image's code is used)")
+    p_sub.add_argument("--no-wait", action="store_true", help="return after submission")
+    p_sub.add_argument("--timeout", type=float, default=24 * 3600, help="longest wait for the job, seconds")
     args, rest = parser.parse_known_args(argv)
 
     logging.basicConfig(level=os.environ.get("OIRL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "submit":
+        from oirl.submit import submit
+
+        return submit(args.address, args.config, args.out, rest, args.working_dir, not args.no_wait, args.timeout)
     try:
-        cfg = load_config(_config_path(args.config), rest)
+        cfg = load_config(_config_path(args.config), rest, check_paths=args.command != "plan")
     except ConfigError as e:
         print(f"oirl: config error: {e}", file=sys.stderr)
         return 2
     if args.command == "show-config":
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    if args.command == "plan":
+        return _plan(cfg, args.check, args.json)
     if args.command == "prepare-model":
         from oirl.models import resolve_model
 
@@ -66,6 +85,30 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: final[k] for k in ("iteration", "reward/mean", "kl/mean", "sync/seconds") if k in final}))
     print(f"oirl: wrote {out}/metrics.jsonl, {out}/curves.png and the final policy in {out}/final")
     return 0
+
+
+def _plan(cfg, manifests: list[str], as_json: bool) -> int:
+    import ray
+    import yaml
+
+    from oirl.manifests import validate_manifest
+    from oirl.plan import check_manifest, format_plan, plan_json
+
+    print(plan_json(cfg) if as_json else format_plan(cfg))
+    failed = False
+    for path in manifests:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+        for doc in docs:
+            problems = validate_manifest(doc) + check_manifest(cfg, doc, ray.__version__)
+            name = f"{path} ({doc.get('kind')} {doc.get('metadata', {}).get('name')})"
+            if problems:
+                failed = True
+                print(f"FAIL {name}")
+                for p in problems:
+                    print(f"  - {p}")
+            else:
+                print(f"ok   {name}: schema valid, fits the plan")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
