@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return submit(args.address, args.config, args.out, rest, args.working_dir, not args.no_wait, args.timeout)
     try:
-        cfg = load_config(_config_path(args.config), rest, check_paths=args.command != "plan")
+        cfg = load_config(_config_path(args.config), rest, check_paths=args.command == "train")
     except ConfigError as e:
         print(f"oirl: config error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ PodTemplateSpec, using the PodTemplateSpec schema embedded in the CRD.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +51,18 @@ def _convert(node: Any) -> Any:
 
 
 def crd_json_schema(crd_path: Path, version: str = "v1") -> dict[str, Any]:
+    """JSON Schema of one CRD version (cached per file; callers must not modify it)."""
+    return _crd_json_schema(Path(crd_path).resolve(), version)
+
+
+@functools.lru_cache(maxsize=8)
+def _crd_json_schema(crd_path: Path, version: str) -> dict[str, Any]:
     if not crd_path.is_file():
         raise FileNotFoundError(
             f"KubeRay CRD {crd_path} not found; the v1.7.0 CRDs are expected in ../shared/data/kuberay-crds "
             "beside the repository"
         )
-    crd = yaml.safe_load(crd_path.read_text())
+    crd = yaml.load(crd_path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     for v in crd["spec"]["versions"]:
         if v["name"] == version:
             schema = _convert(v["schema"]["openAPIV3Schema"])

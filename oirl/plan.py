@@ -49,6 +49,14 @@ def actor_options(cfg: Any, role: str) -> dict[str, Any]:
     return opts
 
 
+def learner_bundles(cfg: Any) -> list[dict[str, float]]:
+    """One placement-group bundle per learner rank (LearnerGroup reserves them together with PACK)."""
+    opts = actor_options(cfg, "learner")
+    bundle = {"CPU": opts["num_cpus"], **({"GPU": opts["num_gpus"]} if opts["num_gpus"] else {}),
+              **opts.get("resources", {})}
+    return [dict(bundle) for _ in range(cfg.learner.num_ranks)]
+
+
 def format_plan(cfg: Any) -> str:
     rows = placement_plan(cfg)
     lines = [f"{'role':<8} {'count':>5} {'cpus':>6} {'gpus':>5}  node group (custom resource)"]

@@ -1,0 +1,168 @@
+"""KubeRay manifests, checked offline: yamllint, strict validation against the KubeRay v1.7.0 CRD schemas (converted
+to JSON Schema by oirl.manifests), each pod template as a PodTemplateSpec, and the rules the schema cannot express
+(replicas within bounds, GPU limits == requests, rayVersion == installed Ray, resources fit `oirl plan`, no public
+exposure, /dev/shm in memory). Every check is shown to fail on a deliberately broken manifest."""
+
+import shlex
+import subprocess
+import sys
+
+import pytest
+import ray
+import yaml
+
+from oirl.config import REPO_ROOT, load_config
+from oirl.manifests import CRD_DIR, crd_json_schema, validate_manifest
+from oirl.plan import check_manifest
+
+MANIFESTS = sorted((REPO_ROOT / "deploy" / "kuberay").glob("*.yaml"))
+GPU_CFG = load_config(REPO_ROOT / "configs" / "gpu.yaml", check_paths=False)
+
+
+def load(path):
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(autouse=True)
+def _crds_present():
+    if not (CRD_DIR / "ray.io_rayclusters.yaml").is_file():
+        pytest.fail(f"KubeRay CRDs missing: expected them in {CRD_DIR} (../shared/data/kuberay-crds)")
+
+
+def test_yamllint_passes_on_manifests_and_configs():
+    proc = subprocess.run([sys.executable, "-m", "yamllint", "-s", "deploy", "configs"], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_yamllint_rejects_a_broken_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec:\n  a: 1\n   b: 2\n")
+    proc = subprocess.run([sys.executable, "-m", "yamllint", "-c", str(REPO_ROOT / ".yamllint"), str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_is_schema_valid_and_fits_the_plan(path):
+    manifest = load(path)
+    assert validate_manifest(manifest) == []
+    assert check_manifest(GPU_CFG, manifest, ray.__version__) == []
+
+
+def test_rayjob_runs_the_config_that_was_checked():
+    job = load(REPO_ROOT / "deploy" / "kuberay" / "rayjob.yaml")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["oirl", "train"]
+    assert argv[argv.index("--config") + 1] == "configs/gpu.yaml"
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 0
+
+
+def test_crd_conversion_keeps_kubernetes_semantics():
+    schema = crd_json_schema(CRD_DIR / "ray.io_rayclusters.yaml")
+    spec = schema["properties"]["spec"]
+    assert spec["additionalProperties"] is False
+    # rayStartParams is a free map of strings; int-or-string quantities accept both.
+    assert spec["properties"]["headGroupSpec"]["properties"]["rayStartParams"]["additionalProperties"] == {
+        "type": "string"}
+    limits = (spec["properties"]["headGroupSpec"]["properties"]["template"]["properties"]["spec"]["properties"]
+              ["containers"]["items"]["properties"]["resources"]["properties"]["limits"])
+    assert limits["additionalProperties"]["type"] == ["integer", "string"]
+
+
+def test_missing_crd_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="kuberay-crds"):
+        crd_json_schema(tmp_path / "ray.io_rayclusters.yaml")
+
+
+def _cluster(m):
+    return m["spec"]["rayClusterSpec"] if m["kind"] == "RayJob" else m["spec"]
+
+
+def _group(m, name):
+    return next(g for g in _cluster(m)["workerGroupSpecs"] if g["groupName"] == name)
+
+
+def _break(kind):
+    m = load(REPO_ROOT / "deploy" / "kuberay" / "raycluster.yaml")
+    c = _cluster(m)
+    if kind == "unknown_field":
+        c["headGroupSpec"]["rayStartParms"] = {}
+    elif kind == "wrong_type":
+        _group(m, "rollout")["replicas"] = "two"
+    elif kind == "bad_name":
+        m["metadata"]["name"] = "Oirl_Cluster"
+    elif kind == "pod_no_image":
+        del _group(m, "learner")["template"]["spec"]["containers"][0]["image"]
+    elif kind == "pod_unknown_field":
+        _group(m, "reward")["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    return m
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("unknown_field", "'rayStartParms' was unexpected"),
+    ("wrong_type", "replicas: 'two' is not of type 'integer'"),
+    ("bad_name", "metadata/name"),
+    ("pod_no_image", "'image' is a required property"),
+    ("pod_unknown_field", "'imagePullPolicyy' was unexpected"),
+])
+def test_schema_rejects_broken_manifests(kind, fragment):
+    errors = validate_manifest(_break(kind))
+    assert any(fragment in e for e in errors), errors
+
+
+def _rule_break(kind):
+    m = load(REPO_ROOT / "deploy" / "kuberay" / "rayjob.yaml")
+    c = _cluster(m)
+    if kind == "replicas_out_of_range":
+        _group(m, "learner")["replicas"] = 3
+    elif kind == "gpu_limits_ne_requests":
+        _group(m, "rollout")["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] = "0"
+    elif kind == "ray_version":
+        c["rayVersion"] = "2.9.0"
+    elif kind == "plan_capacity":
+        g = _group(m, "learner")
+        g["replicas"] = g["minReplicas"] = g["maxReplicas"] = 1
+    elif kind == "missing_group":
+        c["workerGroupSpecs"] = [g for g in c["workerGroupSpecs"] if g["groupName"] != "reward"]
+    elif kind == "public_dashboard":
+        c["headGroupSpec"]["serviceType"] = "LoadBalancer"
+    elif kind == "no_shm":
+        spec = _group(m, "rollout")["template"]["spec"]
+        spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "dshm"]
+        spec["containers"][0]["volumeMounts"] = [v for v in spec["containers"][0]["volumeMounts"]
+                                                 if v["name"] != "dshm"]
+    elif kind == "no_group_resource":
+        _group(m, "rollout")["rayStartParams"].pop("resources")
+    return m
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("replicas_out_of_range", "replicas 3 outside [minReplicas 2, maxReplicas 2]"),
+    ("gpu_limits_ne_requests", "nvidia.com/gpu limits 1 != requests 0"),
+    ("ray_version", "rayVersion '2.9.0' != installed Ray"),
+    ("plan_capacity", "plan needs 4 learner actor(s)"),
+    ("missing_group", "no worker group 'reward'"),
+    ("public_dashboard", "exposes the dashboard"),
+    ("no_shm", "mount an emptyDir with medium: Memory at /dev/shm"),
+    ("no_group_resource", "must advertise 'oirl_rollout'"),
+])
+def test_plan_rules_reject_broken_manifests(kind, fragment):
+    m = _rule_break(kind)
+    assert validate_manifest(m) == []  # the schema alone cannot see these
+    problems = check_manifest(GPU_CFG, m, ray.__version__)
+    assert any(fragment in p for p in problems), problems
+
+
+def test_oirl_plan_check_cli(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "oirl.cli", "plan", "--config", "configs/gpu.yaml", "--check",
+                         *map(str, MANIFESTS)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "learner      4      4     1  learner (oirl_learner)" in ok.stdout
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(_rule_break("plan_capacity")))
+    bad = subprocess.run([sys.executable, "-m", "oirl.cli", "plan", "--config", "configs/gpu.yaml", "--check",
+                          str(broken)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "FAIL" in bad.stdout and "plan needs 4 learner" in bad.stdout
