@@ -25,7 +25,7 @@ class LearnerGroup:
         """resources: extra custom resources per rank (e.g. {'oirl_learner': 1} to pin ranks to a node group)."""
         self.cfg = cfg
         bundles = [{"CPU": cfg.num_cpus, **({"GPU": cfg.num_gpus} if cfg.num_gpus else {}), **(resources or {})}
-                   for _ in range(cfg.num_ranks)]
+                   for _ in range(cfg.num_ranks)]  # the same shape as oirl.plan.learner_bundles
         self.pg = placement_group(bundles, strategy="PACK", name=f"oirl-learner-{run_id}")
         try:
             ray.get(self.pg.ready(), timeout=cfg.timeout_s)

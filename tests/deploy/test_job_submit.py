@@ -1,0 +1,109 @@
+"""`ray job submit` for real: a Ray head started with `ray start --head` inside the loopback-only namespace, then
+the smoke recipe submitted as a job that SUCCEEDS, a bad job reported FAILED, and a running job stopped."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import requires_loopback
+
+from oirl.config import REPO_ROOT
+
+pytestmark = [pytest.mark.slow, requires_loopback]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    temp_dir = f"/tmp/oirl-head-{os.getpid()}"
+    gcs, dash = free_port(), free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    subprocess.run([RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=4",
+                    "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.time() + 90
+        while True:
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        yield address, env
+    finally:
+        # Never `ray stop` (it kills every Ray process on the machine): stop only what this head started.
+        procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for p in alive:
+            p.kill()
+
+
+def job_status(address, env, job_id):
+    out = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env, capture_output=True,
+                         text=True, timeout=60).stdout
+    m = re.search(r"status: (\w+)", out)
+    return m.group(1) if m else out
+
+
+def test_smoke_job_succeeds(head, tmp_path):
+    address, env = head
+    out = tmp_path / "job-out"
+    proc = subprocess.run([sys.executable, "-m", "oirl.cli", "submit", "--address", address, "--config",
+                           "configs/smoke.yaml", "--out", str(out), "--working-dir", str(REPO_ROOT),
+                           "--timeout", "600", "iterations=3"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=700)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCEEDED" in proc.stdout
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 3
+
+
+def test_failing_job_is_reported_failed(head, tmp_path):
+    address, env = head
+    proc = subprocess.run([RAY, "job", "submit", "--address", address, "--", "oirl", "train", "--config",
+                           str(REPO_ROOT / "configs" / "smoke.yaml"), "--out", str(tmp_path), "learner.zero_stage=9"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    job_id = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
+    assert job_status(address, env, job_id) == "FAILED"
+    assert "learner.zero_stage=9 must be 0, 1, 2 or 3" in proc.stdout + proc.stderr
+
+
+def test_running_job_can_be_stopped(head):
+    address, env = head
+    proc = subprocess.run([RAY, "job", "submit", "--address", address, "--no-wait", "--", sys.executable, "-c",
+                           "import time; time.sleep(600)"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    job_id = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
+    deadline = time.time() + 60
+    while job_status(address, env, job_id) != "RUNNING":
+        assert time.time() < deadline, "job never started"
+        time.sleep(1)
+    subprocess.run([RAY, "job", "stop", "--address", address, job_id], env=env, capture_output=True, timeout=120)
+    deadline = time.time() + 60
+    while (status := job_status(address, env, job_id)) != "STOPPED":
+        assert time.time() < deadline, f"job still {status} after stop"
+        time.sleep(1)

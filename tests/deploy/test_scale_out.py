@@ -1,0 +1,76 @@
+"""Scale-out without GPUs: Ray's cluster utilities build a multi-node cluster shaped like deploy/kuberay/
+raycluster.yaml (fake GPUs, the oirl_<group> custom resources), and the placement plan of configs/gpu.yaml is placed
+on it with the driver's own actor options. The actors start and report where they landed; they do no real work."""
+
+import pytest
+import ray
+import yaml
+from conftest import requires_loopback
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from oirl.config import REPO_ROOT, load_config
+from oirl.plan import actor_options, learner_bundles, parse_cpu, placement_plan
+
+pytestmark = [pytest.mark.slow, requires_loopback]
+
+
+@ray.remote
+class Probe:
+    def where(self):
+        ctx = ray.get_runtime_context()
+        return ctx.get_node_id(), ray.get_gpu_ids()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    manifest = yaml.safe_load((REPO_ROOT / "deploy" / "kuberay" / "raycluster.yaml").read_text())
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    groups = {}
+    for g in manifest["spec"]["workerGroupSpecs"]:
+        params = g["rayStartParams"]
+        for _ in range(g["replicas"]):
+            node = c.add_node(num_cpus=parse_cpu(params["num-cpus"]), num_gpus=float(params.get("num-gpus", 0)),
+                              resources={f"oirl_{g['groupName']}": 1000})
+            groups.setdefault(g["groupName"], []).append(node.node_id)
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    yield groups
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_gpu_plan_places_every_role_on_its_group(cluster):
+    cfg = load_config(REPO_ROOT / "configs" / "gpu.yaml", check_paths=False)
+    plan = {p.role: p for p in placement_plan(cfg)}
+    engines = [Probe.options(**actor_options(cfg, "rollout")).remote() for _ in range(plan["rollout"].count)]
+    reward = Probe.options(**actor_options(cfg, "reward")).remote()
+    pg = placement_group(learner_bundles(cfg), strategy="PACK")
+    ray.get(pg.ready(), timeout=60)
+    ranks = [Probe.options(**actor_options(cfg, "learner"), scheduling_strategy=PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=i)).remote() for i in range(plan["learner"].count)]
+    where = {
+        "rollout": ray.get([e.where.remote() for e in engines], timeout=60),
+        "learner": ray.get([r.where.remote() for r in ranks], timeout=60),
+        "reward": ray.get([reward.where.remote()], timeout=60),
+    }
+    for role, placed in where.items():
+        assert {node for node, _ in placed} <= set(cluster[role]), f"{role} placed outside its worker group"
+    # One GPU per engine and per rank, no GPU shared between two actors on a node.
+    for role in ("rollout", "learner"):
+        assert all(len(gpus) == 1 for _, gpus in where[role])
+        assert len({(node, tuple(g)) for node, g in where[role]}) == plan[role].count
+    assert where["reward"][0][1] == []
+    # 4 ranks x 1 GPU on 2 learner nodes of 2 GPUs: both nodes used.
+    assert len({node for node, _ in where["learner"]}) == 2
+
+
+def test_a_plan_larger_than_the_cluster_is_not_placed(cluster):
+    cfg = load_config(REPO_ROOT / "configs" / "gpu.yaml", ["learner.num_ranks=8", "learner.num_minibatches=1"],
+                      check_paths=False)
+    pg = placement_group(learner_bundles(cfg), strategy="PACK")
+    with pytest.raises(ray.exceptions.GetTimeoutError):
+        ray.get(pg.ready(), timeout=5)
+    ray.util.remove_placement_group(pg)
