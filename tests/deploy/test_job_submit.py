@@ -62,10 +62,10 @@ def head(tmp_path_factory):
 
 
 def job_status(address, env, job_id):
-    out = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env, capture_output=True,
-                         text=True, timeout=60).stdout
-    m = re.search(r"status: (\w+)", out)
-    return m.group(1) if m else out
+    from ray.job_submission import JobSubmissionClient
+
+    status = JobSubmissionClient(address).get_job_status(job_id)
+    return str(getattr(status, "value", status))
 
 
 def test_smoke_job_succeeds(head, tmp_path):
