@@ -31,9 +31,11 @@ def head(tmp_path_factory):
     temp_dir = f"/tmp/oirl-head-{os.getpid()}"
     gcs, dash = free_port(), free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    # Ray renames its processes (setproctitle), so mark them through the environment they inherit.
+    head_env = dict(env, OIRL_TEST_RAY_HEAD=temp_dir)
     subprocess.run([RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=4",
                     "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp_dir}",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+                    "--disable-usage-stats"], env=head_env, check=True, capture_output=True, timeout=120)
     address = f"http://127.0.0.1:{dash}"
     try:
         from ray.job_submission import JobSubmissionClient
@@ -50,7 +52,15 @@ def head(tmp_path_factory):
         yield address, env
     finally:
         # Never `ray stop` (it kills every Ray process on the machine): stop only what this head started.
-        procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+        procs = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("OIRL_TEST_RAY_HEAD") == temp_dir:
+                    procs.append(p)
+                    procs.extend(p.children(recursive=True))  # agents get a cleaned environment
+            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+                pass
+        procs = list({p.pid: p for p in procs}.values())
         for p in procs:
             try:
                 p.send_signal(signal.SIGTERM)
