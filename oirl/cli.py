@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="upload this directory as the job's code (default: none, the image's code is used)")
     p_sub.add_argument("--no-wait", action="store_true", help="return after submission")
     p_sub.add_argument("--timeout", type=float, default=24 * 3600, help="longest wait for the job, seconds")
+    p_srv = sub.add_parser("serve-reward", help="serve the configured reward over HTTP (JSON API)")
+    p_srv.add_argument("--config")
+    p_srv.add_argument("--host", default="127.0.0.1")
+    p_srv.add_argument("--port", type=int, default=8000)
+    p_srv.add_argument("--token", default=os.environ.get("OIRL_REWARD_TOKEN", ""),
+                       help="bearer token (required off loopback; default: $OIRL_REWARD_TOKEN)")
     args, rest = parser.parse_known_args(argv)
 
     logging.basicConfig(level=os.environ.get("OIRL_LOG_LEVEL", "INFO"),
@@ -65,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "plan":
         return _plan(cfg, args.check, args.json)
+    if args.command == "serve-reward":
+        return _serve_reward(cfg, args.host, args.port, args.token)
     if args.command == "prepare-model":
         from oirl.models import resolve_model
 
@@ -84,6 +92,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps({k: final[k] for k in ("iteration", "reward/mean", "kl/mean", "sync/seconds") if k in final}))
     print(f"oirl: wrote {out}/metrics.jsonl, {out}/curves.png and the final policy in {out}/final")
+    return 0
+
+
+def _serve_reward(cfg, host: str, port: int, token: str) -> int:
+    from oirl.models import resolve_model
+    from reward_server.http import ServerConfig, is_loopback, make_server
+    from reward_server.reward_worker import RewardWorker
+
+    try:
+        srv_cfg = ServerConfig(host=host, port=port, token=token)
+        if not token and not is_loopback(host):  # checked before any model loads
+            raise ValueError(f"refusing to serve rewards on {host} without a token: pass --token (clients send "
+                             "'Authorization: Bearer <token>') or bind 127.0.0.1")
+        worker = RewardWorker(cfg.reward, str(resolve_model(cfg.model)))
+        server = make_server(worker, srv_cfg)
+    except ValueError as e:
+        print(f"oirl: {e}", file=sys.stderr)
+        return 2
+    print(f"oirl: serving rewards on http://{host}:{server.server_address[1]} (POST /score, GET /health, "
+          "GET /metrics)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 

@@ -274,8 +274,17 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            f"sync.transport={s.transport!r} must be 'auto', 'shm' or 'object_store'")
     _check(s.bucket_mb >= 1, f"sync.bucket_mb={s.bucket_mb} must be >= 1")
     _check(s.canary_tolerance > 0, f"sync.canary_tolerance={s.canary_tolerance} must be > 0")
-    _check(rw.kind in ("gsm8k", "synthetic_digits"),
-           f"reward.kind={rw.kind!r} must be 'gsm8k' or 'synthetic_digits'")
+    _check(rw.kind in ("gsm8k", "synthetic_digits", "none"),
+           f"reward.kind={rw.kind!r} must be 'gsm8k', 'synthetic_digits' or 'none'")
+    _check(rw.kind != "none" or rw.function or rw.model_path or rw.url,
+           "reward.kind=none needs another backend: set reward.model_path, reward.function or reward.url")
+    _check(not rw.url or rw.url.startswith(("http://", "https://")),
+           f"reward.url={rw.url!r} must start with http:// or https://")
+    _check(rw.clip >= 0, f"reward.clip={rw.clip} must be >= 0 (0 disables clipping)")
+    if rw.model_path and check_paths:
+        _check((resolve_path(rw.model_path) / "config.json").is_file(),
+               f"reward.model_path={rw.model_path!r} is not an HF folder (no config.json); train one with "
+               "`oirl train-rm --out DIR` and point reward.model_path at DIR")
     for name, value in (("rollout.timeout_s", r.timeout_s), ("learner.timeout_s", lr.timeout_s),
                         ("reward.timeout_s", rw.timeout_s), ("sync.timeout_s", s.timeout_s)):
         _check(value > 0, f"{name}={value} must be > 0: every remote wait needs a timeout")

@@ -90,8 +90,10 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     engine_cls = ray.remote(RolloutWorker)
     engines = [engine_cls.options(**actor_options(cfg, "rollout"), name=f"oirl-engine-{run_id}-{i}")
                .remote(r, model_path, cfg.model.dtype, cfg.seed, i) for i in range(r.num_engines)]
-    reward = ray.remote(RewardWorker).options(**actor_options(cfg, "reward"), name=f"oirl-reward-{run_id}").remote(
-        cfg.reward, model_path)
+    # A crashed reward actor is restarted by Ray and the lost score call retried on it (then a clear error).
+    reward = ray.remote(RewardWorker).options(**actor_options(cfg, "reward"), name=f"oirl-reward-{run_id}",
+                                              max_restarts=cfg.reward.max_restarts,
+                                              max_task_retries=cfg.reward.max_restarts).remote(cfg.reward, model_path)
     micro_batch = cfg.batch_size // (cfg.learner.num_ranks * cfg.learner.num_minibatches)
     learner = LearnerGroup(cfg.learner, model_path, cfg.model.dtype, cfg.seed, r.temperature, run_id, micro_batch,
                            resources=actor_options(cfg, "learner").get("resources"))

@@ -1,17 +1,27 @@
-"""RewardWorker: a Ray actor, separate from the learner, that scores RolloutBatches.
+"""RewardWorker: a Ray actor, separate from the learner, that scores RolloutBatches (the "inverse" half of online
+inverse RL: a reward learned offline, queried online).
 
-Public method (its RPC surface):
-    score(batch: pa.Table) -> np.ndarray[float32]  # one scalar reward per row
+Public methods (its RPC surface; the HTTP front in reward_server/http.py calls the same class in-process):
+    score(batch: pa.Table) -> np.ndarray[float32]                     # one scalar reward per row
+    score_texts(prompts, responses, references) -> np.ndarray[float32]
+    stats() -> dict
 
-Reads the RolloutBatch columns response_token_ids and reference; the driver adds the result as the ``reward``
-column. Backends here are rule-based (verifiable): GSM8K final-answer match and a synthetic digit task that a tiny
-random model learns in a few iterations. Learned reward models and the HTTP front are the reward-server issue.
+Reads the RolloutBatch columns prompt_token_ids, response_token_ids and reference; the driver adds the result as
+the ``reward`` column. Backends, combined as a weighted sum: a rule (GSM8K final-answer match, synthetic digits), a
+user function given by import path, a learned reward model (transformers sequence classification with one scalar
+output), and a remote reward server over HTTP. Then optional running normalisation and clipping. A NaN or inf is
+an error naming the sample.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,13 +31,70 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RewardConfig:
     kind: str = "gsm8k"
-    """'gsm8k' (final-answer match against the row's reference) or 'synthetic_digits' (digit fraction)."""
+    """Rule backend: 'gsm8k' (final-answer match against the row's reference), 'synthetic_digits', or 'none'."""
+    rule_weight: float = 1.0
+    """Weight of the rule backend."""
     format_bonus: float = 0.0
-    """gsm8k: extra reward for ending with '#### <number>' (shapes a small model towards the format)."""
+    """gsm8k: extra reward for ending with '#### <number>' (half for a bare number on the last line)."""
+    function: str = ""
+    """User reward 'package.module:function', called as f(prompt, response, reference) -> float."""
+    function_weight: float = 1.0
+    """Weight of the user function."""
+    model_path: str = ""
+    """Folder of a learned reward model (sequence classification, 1 label), e.g. from `oirl train-rm`."""
+    model_weight: float = 1.0
+    """Weight of the learned reward model."""
+    model_batch_size: int = 32
+    """Rows per reward-model forward."""
+    model_max_tokens: int = 512
+    """Truncation length of prompt + response for the reward model."""
+    url: str = ""
+    """Remote reward server (`oirl serve-reward`), e.g. http://127.0.0.1:8000; its /score is called per batch."""
+    url_weight: float = 1.0
+    """Weight of the remote reward."""
+    url_token: str = ""
+    """Bearer token for the remote reward server."""
+    normalize: bool = False
+    """Normalise the combined reward with a running mean/std (over every batch scored so far)."""
+    clip: float = 0.0
+    """Clip the final reward to [-clip, clip] (0 = off)."""
     num_cpus: float = 0.0
-    """Ray CPUs reserved for the reward actor (rule rewards are light)."""
+    """Ray CPUs reserved for the reward actor."""
+    max_restarts: int = 1
+    """Ray restarts the actor after a crash this many times; a lost call is retried on the restarted actor."""
     timeout_s: float = 300.0
-    """Longest wait for one score call."""
+    """Longest wait for one score call (and for one HTTP request to a remote server)."""
+
+
+def load_function(path: str) -> Callable[[str, str, str], float]:
+    if ":" not in path:
+        raise ValueError(f"reward.function={path!r} must look like 'package.module:function'")
+    module, name = path.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward.function={path!r} cannot be imported: {e}") from e
+
+
+class RunningMoments:
+    """Running mean/variance over every reward seen (Chan et al. parallel update)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: np.ndarray) -> None:
+        n = len(x)
+        if n == 0:
+            return
+        mean, var = float(x.mean()), float(x.var())
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += var * n + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(self.m2 / self.count)) if self.count > 1 else 1.0
 
 
 class RewardWorker:
@@ -35,22 +102,106 @@ class RewardWorker:
         from transformers import AutoTokenizer
 
         self.cfg = cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)  # the policy's, to decode token ids
+        self.function = load_function(cfg.function) if cfg.function else None
+        self.model = self.rm_tokenizer = None
+        if cfg.model_path:
+            import torch
+            from transformers import AutoModelForSequenceClassification
 
-    def score(self, batch) -> np.ndarray:
+            self.rm_tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, dtype=torch.float32)
+            self.model.eval()
+            if self.model.config.num_labels != 1:
+                raise ValueError(f"reward.model_path={cfg.model_path!r} has {self.model.config.num_labels} labels; "
+                                 "a reward model needs exactly 1 (train one with `oirl train-rm`)")
+        self.moments = RunningMoments()
+        self.scored = 0
+
+    # ---- backends ------------------------------------------------------------------------------------------
+
+    def _rule(self, responses: list[str], references: list[str], response_ids: list[list[int]] | None) -> np.ndarray:
         from reward_server import rules
 
-        responses = batch.column("response_token_ids").to_pylist()
+        if self.cfg.kind == "gsm8k":
+            return np.array([rules.gsm8k_reward(r, ref, self.cfg.format_bonus)
+                             for r, ref in zip(responses, references)], dtype=np.float64)
+        if self.cfg.kind == "synthetic_digits":
+            if response_ids is None:
+                response_ids = [self.tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
+            return np.array([rules.digit_fraction([self.tokenizer.decode([t]) for t in ids])
+                             for ids in response_ids], dtype=np.float64)
+        return np.zeros(len(responses))
+
+    def _model(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        import torch
+
+        out = []
+        for s in range(0, len(prompts), self.cfg.model_batch_size):
+            enc = self.rm_tokenizer(prompts[s: s + self.cfg.model_batch_size],
+                                    responses[s: s + self.cfg.model_batch_size], truncation=True,
+                                    max_length=self.cfg.model_max_tokens, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                out.append(self.model(**enc).logits[:, 0].double().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def _remote(self, prompts: list[str], responses: list[str], references: list[str]) -> np.ndarray:
+        body = json.dumps({"prompts": prompts, "responses": responses, "references": references}).encode()
+        req = urllib.request.Request(self.cfg.url.rstrip("/") + "/score", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        if self.cfg.url_token:
+            req.add_header("Authorization", f"Bearer {self.cfg.url_token}")
+        with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+            rewards = json.loads(resp.read())["rewards"]
+        if len(rewards) != len(prompts):
+            raise ValueError(f"reward server {self.cfg.url} returned {len(rewards)} rewards for {len(prompts)} rows")
+        return np.asarray(rewards, dtype=np.float64)
+
+    # ---- public --------------------------------------------------------------------------------------------
+
+    def score_texts(self, prompts: list[str], responses: list[str], references: list[str] | None = None,
+                    response_ids: list[list[int]] | None = None, update_stats: bool = True) -> np.ndarray:
+        references = references if references is not None else [""] * len(responses)
+        if not len(prompts) == len(responses) == len(references):
+            raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and {len(references)} references: "
+                             "give one of each per sample")
+        c = self.cfg
+        total = np.zeros(len(responses))
+        if c.kind != "none":
+            total += c.rule_weight * self._rule(responses, references, response_ids)
+        if self.function is not None:
+            total += c.function_weight * np.array([float(self.function(p, r, ref)) for p, r, ref
+                                                   in zip(prompts, responses, references)])
+        if self.model is not None:
+            total += c.model_weight * self._model(prompts, responses)
+        if c.url:
+            total += c.url_weight * self._remote(prompts, responses, references)
+        bad = np.flatnonzero(~np.isfinite(total))
+        if len(bad):
+            raise ValueError(f"reward of sample {int(bad[0])} is {total[bad[0]]} (not finite); check the reward "
+                             f"backends for response {responses[bad[0]][:80]!r}")
+        if c.normalize:
+            if update_stats:
+                self.moments.update(total)
+            total = (total - self.moments.mean) / max(self.moments.std, 1e-6)
+        if c.clip > 0:
+            total = np.clip(total, -c.clip, c.clip)
+        self.scored += len(total)
+        return total.astype(np.float32)
+
+    def score(self, batch: Any) -> np.ndarray:
+        """RolloutBatch -> rewards [B]. Token ids are decoded only for scoring; training keeps the engine's ids."""
+        response_ids = batch.column("response_token_ids").to_pylist()
+        prompt_ids = batch.column("prompt_token_ids").to_pylist()
+        responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        prompts = self.tokenizer.batch_decode(prompt_ids, skip_special_tokens=True) if (
+            self.model is not None or self.function is not None or self.cfg.url) else [""] * len(responses)
         references = (batch.column("reference").to_pylist() if "reference" in batch.column_names
                       else [""] * len(responses))
-        rewards = np.empty(len(responses), dtype=np.float32)
-        for i, (ids, ref) in enumerate(zip(responses, references)):
-            if self.cfg.kind == "gsm8k":
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                rewards[i] = rules.gsm8k_reward(text, ref, self.cfg.format_bonus)
-            else:
-                rewards[i] = rules.digit_fraction([self.tokenizer.decode([t]) for t in ids])
-        bad = np.flatnonzero(~np.isfinite(rewards))
-        if len(bad):
-            raise ValueError(f"reward is not finite for batch row {int(bad[0])}: {rewards[bad[0]]}")
-        return rewards
+        return self.score_texts(prompts, responses, references, response_ids)
+
+    def stats(self) -> dict:
+        return {"scored": self.scored, "running_mean": self.moments.mean, "running_std": self.moments.std}
+
+    def ping(self) -> bool:
+        return True
