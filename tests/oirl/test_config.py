@@ -11,7 +11,8 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_validates(path):
-    cfg = load_config(path)
+    # Cluster recipes name paths on the cluster's volumes (/models, /data): check everything but local files.
+    cfg = load_config(path, check_paths=path.stem in ("smoke", "demo"))
     assert cfg.batch_size % (cfg.learner.num_ranks * cfg.learner.num_minibatches) == 0
 
 
