@@ -83,6 +83,28 @@ class LearnerConfig:
     """Longest wait for one learner call (collectives use it too)."""
 
 
+def init_distributed(rank: int, world: int, master_ip: str, master_port: int, num_gpus: float, timeout_s: float,
+                     cpu_shm_allreduce: bool = False) -> Any:
+    """Join the DeepSpeed/torch.distributed group (gloo on CPU, NCCL on GPU); returns this rank's device."""
+    os.environ.update(MASTER_ADDR=master_ip, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK="0" if num_gpus else str(rank))
+    if not num_gpus:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+    import deepspeed.ops
+    import torch
+
+    if not cpu_shm_allreduce:
+        # The shm allreduce op JIT-compiles for ~150 s on a fresh machine; gloo alone is correct and fast enough
+        # for CPU-sized models (measured, DESIGN.md).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if num_gpus else "gloo",
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 class PolicyWithValue:
     """Builds the policy module lazily so this file imports without torch."""
 
@@ -143,22 +165,12 @@ class LearnerWorker:
 
     def setup(self, master_ip: str, master_port: int, micro_batch: int) -> dict:
         t0 = time.perf_counter()
-        os.environ.update(MASTER_ADDR=master_ip, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world), LOCAL_RANK="0" if self.cfg.num_gpus else str(self.rank))
         import deepspeed
-        import deepspeed.ops
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if not self.cfg.cpu_shm_allreduce:
-            # The shm allreduce op JIT-compiles for ~150 s on a fresh machine; gloo alone is correct and
-            # fast enough for CPU-sized models (measured, DESIGN.md).
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        backend = "nccl" if self.cfg.num_gpus else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=self.cfg.timeout_s))
-        from deepspeed.accelerator import get_accelerator
-
-        self.device = torch.device(get_accelerator().current_device_name())
+        self.device = init_distributed(self.rank, self.world, master_ip, master_port, self.cfg.num_gpus,
+                                       self.cfg.timeout_s, self.cfg.cpu_shm_allreduce)
         dtype = getattr(torch, self.dtype_name)
         torch.manual_seed(self.seed)
         tok = AutoTokenizer.from_pretrained(self.model_path)

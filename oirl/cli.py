@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -53,10 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     p_srv.add_argument("--port", type=int, default=8000)
     p_srv.add_argument("--token", default=os.environ.get("OIRL_REWARD_TOKEN", ""),
                        help="bearer token (required off loopback; default: $OIRL_REWARD_TOKEN)")
+    p_rm = sub.add_parser("train-rm", help="train a reward model (Bradley-Terry) on preference pairs")
+    p_rm.add_argument("--data", required=True, help="JSONL or Parquet with prompt, chosen, rejected")
+    p_rm.add_argument("--out", required=True)
+    p_rm.add_argument("--backbone", default="minilm", help="HF folder, 'minilm' or 'tiny'")
+    p_pref = sub.add_parser("make-preferences", help="GSM8K reference (chosen) vs wrong sampled solution (rejected)")
+    p_pref.add_argument("--config")
+    p_pref.add_argument("--out", required=True, help="Parquet file to write")
+    p_pref.add_argument("--questions", type=int, default=256)
+    p_pref.add_argument("--samples", type=int, default=2, help="samples per question (one wrong one is kept)")
     args, rest = parser.parse_known_args(argv)
 
     logging.basicConfig(level=os.environ.get("OIRL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "train-rm":
+        return _train_rm(args.data, args.out, args.backbone, rest)
     if args.command == "submit":
         from oirl.submit import submit
 
@@ -71,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "plan":
         return _plan(cfg, args.check, args.json)
+    if args.command == "make-preferences":
+        from reward_server.preferences import build_gsm8k_preferences
+
+        with _ray_session(cfg.ray_address):
+            stats = build_gsm8k_preferences(cfg, args.out, args.questions, args.samples, cfg.seed)
+        print(json.dumps(stats))
+        return 0
     if args.command == "serve-reward":
         return _serve_reward(cfg, args.host, args.port, args.token)
     if args.command == "prepare-model":
@@ -92,6 +111,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps({k: final[k] for k in ("iteration", "reward/mean", "kl/mean", "sync/seconds") if k in final}))
     print(f"oirl: wrote {out}/metrics.jsonl, {out}/curves.png and the final policy in {out}/final")
+    return 0
+
+
+@contextlib.contextmanager
+def _ray_session(address: str = ""):
+    """Join RAY_ADDRESS/address when given, else an embedded local cluster (stopped on exit)."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", include_dashboard=False, num_cpus=max(4, os.cpu_count() or 1),
+                 _temp_dir=f"/tmp/oirl-ray-{os.getpid()}",
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _train_rm(data: str, out: str, backbone: str, overrides: list[str]) -> int:
+    import dataclasses
+
+    from learner.reward_model import PreferenceDataError, RMConfig, train_reward_model
+    from oirl.config import parse_overrides
+
+    fields = {f.name: f for f in dataclasses.fields(RMConfig)}
+    kwargs: dict = {"data": data, "backbone": backbone}
+    for key, value in parse_overrides(overrides).items():
+        if key not in fields:
+            print(f"oirl: unknown train-rm option '{key}'; known: {', '.join(fields)}", file=sys.stderr)
+            return 2
+        kwargs[key] = type(fields[key].default)(value)
+    cfg = RMConfig(**kwargs)
+    try:
+        from learner.reward_model import read_preferences
+
+        read_preferences(cfg.data)  # fail on bad rows before any actor starts
+        with _ray_session():
+            metrics = train_reward_model(cfg, out)
+    except (PreferenceDataError, FileNotFoundError) as e:
+        print(f"oirl: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: metrics[k] for k in ("heldout_pairwise_accuracy", "heldout_pairwise_accuracy_before_training",
+                                              "train_pairs", "heldout_pairs", "train_pairs_per_s")}))
     return 0
 
 

@@ -30,7 +30,7 @@ from oirl.metrics import MetricsLogger, plot_curves
 from oirl.models import resolve_model
 from oirl.plan import actor_options
 from oirl.sync import choose_transport, sync_weights
-from reward_server.reward_worker import RewardWorker
+from reward_server.reward_worker import spawn_reward_actor
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +91,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     engines = [engine_cls.options(**actor_options(cfg, "rollout"), name=f"oirl-engine-{run_id}-{i}")
                .remote(r, model_path, cfg.model.dtype, cfg.seed, i) for i in range(r.num_engines)]
     # A crashed reward actor is restarted by Ray and the lost score call retried on it (then a clear error).
-    reward = ray.remote(RewardWorker).options(**actor_options(cfg, "reward"), name=f"oirl-reward-{run_id}",
-                                              max_restarts=cfg.reward.max_restarts,
-                                              max_task_retries=cfg.reward.max_restarts).remote(cfg.reward, model_path)
+    reward = spawn_reward_actor(cfg.reward, model_path, f"oirl-reward-{run_id}",
+                                actor_options(cfg, "reward").get("resources"))
     micro_batch = cfg.batch_size // (cfg.learner.num_ranks * cfg.learner.num_minibatches)
     learner = LearnerGroup(cfg.learner, model_path, cfg.model.dtype, cfg.seed, r.temperature, run_id, micro_batch,
                            resources=actor_options(cfg, "learner").get("resources"))

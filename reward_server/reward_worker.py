@@ -203,5 +203,19 @@ class RewardWorker:
     def stats(self) -> dict:
         return {"scored": self.scored, "running_mean": self.moments.mean, "running_std": self.moments.std}
 
-    def ping(self) -> bool:
-        return True
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def spawn_reward_actor(cfg: RewardConfig, tokenizer_path: str, name: str | None = None,
+                       resources: dict[str, float] | None = None) -> Any:
+    """The reward actor as the driver runs it: a crash restarts it (cfg.max_restarts times) and the lost call is
+    retried on the restarted actor; past that, ray.get raises an error naming the actor instead of hanging."""
+    import ray
+
+    return ray.remote(RewardWorker).options(
+        num_cpus=cfg.num_cpus, resources=resources or {}, name=name, max_restarts=cfg.max_restarts,
+        max_task_retries=cfg.max_restarts,
+    ).remote(cfg, tokenizer_path)
