@@ -177,3 +177,26 @@ def test_serve_reward_cli_end_to_end(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_driver_scores_through_a_remote_reward_server(tmp_path, tiny_model_path):
+    """PPO whose only reward backend is a reward server reached over HTTP (reward.url)."""
+    if os.environ.get("OIRL_IN_LOOPBACK_NS") != "1":
+        pytest.skip("starts Ray: run under deploy/loopback.sh")
+    w = RewardWorker(RewardConfig(kind="synthetic_digits"), tiny_model_path)
+    srv, url = serve(w, token="ppo-token")
+    try:
+        out = tmp_path / "remote"
+        proc = subprocess.run([sys.executable, "-m", "oirl.cli", "train", "--config", "configs/smoke.yaml",
+                               "--out", str(out), "--no-progress", "iterations=2", "reward.kind=none",
+                               f"reward.url={url}", "reward.url_token=ppo-token"],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2
+        _, metrics = call(url, "/metrics", token="ppo-token")
+        values = dict(line.split() for line in metrics.strip().splitlines())
+        assert int(values["oirl_reward_samples_total"]) == 2 * rows[0]["rollout/samples"]
+    finally:
+        srv.shutdown()
