@@ -71,7 +71,7 @@ def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> None:
         axes[3].bar(it, vals, bottom=bottom, label=phase.split("/", 1)[1])
         bottom = [b + v for b, v in zip(bottom, vals)]
     axes[3].set_title("seconds per phase")
-    axes[3].legend(fontsize=7)
+    axes[3].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for ax in axes:
         ax.set_xlabel("iteration")
     if title:
