@@ -15,7 +15,9 @@ Transports (chosen by ``sync.transport``):
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,10 +97,21 @@ def unpack_bucket(bucket: Bucket, buf: np.ndarray) -> Iterator[tuple[str, torch.
         yield m.name, raw[m.offset: m.offset + m.nbytes].view(_DTYPES[m.dtype]).view(m.shape)
 
 
-def fingerprint(buckets: list[Bucket], buffers: list[np.ndarray]) -> str:
+def fingerprint(buckets: list[Bucket], buffers: list[np.ndarray], chunk_bytes: int = 32 << 20) -> str:
+    """BLAKE2b over every tensor's metadata and the digests of 32 MiB chunks of the bucket bytes, in order.
+
+    Chunks hash on a thread pool (hashlib releases the GIL on large updates), so verifying a 0.5 GB model uses
+    every core instead of one."""
+    views = []
+    for buf in buffers:
+        mv = memoryview(buf).cast("B")  # type: ignore[arg-type]
+        views += [mv[i: i + chunk_bytes] for i in range(0, len(mv), chunk_bytes)] or [mv]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda v: hashlib.blake2b(v, digest_size=16).digest(), views))
     h = hashlib.blake2b(digest_size=16)
-    for bucket, buf in zip(buckets, buffers):
+    for bucket in buckets:
         for m in bucket.tensors:
             h.update(f"{m.name}|{m.dtype}|{m.shape}|{m.offset}|{m.nbytes};".encode())
-        h.update(memoryview(buf).cast("B"))  # type: ignore[arg-type]
+    for d in digests:
+        h.update(d)
     return h.hexdigest()
