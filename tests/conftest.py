@@ -28,12 +28,14 @@ def tiny_model_path() -> str:
     return str(resolve_model(ModelConfig(path="tiny")))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
     if not in_loopback_namespace():
         pytest.skip("starts Ray: run the suite as `deploy/loopback.sh python -m pytest`")
     import ray
 
+    if ray.is_initialized():
+        ray.shutdown()
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              _temp_dir=f"/tmp/oirl-ray-test-{os.getpid()}",
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})

@@ -40,15 +40,21 @@ def head(tmp_path_factory):
     try:
         from ray.job_submission import JobSubmissionClient
 
-        deadline = time.time() + 90
+        # The job API answers before the head's job agent is up ("No available agent"): wait until a trivial
+        # job really runs.
+        deadline = time.time() + 180
         while True:
             try:
-                JobSubmissionClient(address).list_jobs()
+                client = JobSubmissionClient(address)
+                probe = client.submit_job(entrypoint="true")
+                while str(getattr(s := client.get_job_status(probe), "value", s)) not in ("SUCCEEDED", "FAILED"):
+                    assert time.time() < deadline, "probe job did not finish"
+                    time.sleep(0.5)
                 break
             except Exception:
                 if time.time() > deadline:
                     raise
-                time.sleep(1)
+                time.sleep(2)
         yield address, env
     finally:
         # Never `ray stop` (it kills every Ray process on the machine): stop only what this head started.

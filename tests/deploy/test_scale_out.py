@@ -26,6 +26,8 @@ class Probe:
 def cluster():
     from ray.cluster_utils import Cluster
 
+    if ray.is_initialized():  # another module's local cluster
+        ray.shutdown()
     manifest = yaml.safe_load((REPO_ROOT / "deploy" / "kuberay" / "raycluster.yaml").read_text())
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     groups = {}
