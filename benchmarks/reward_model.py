@@ -37,15 +37,21 @@ def main() -> int:
     ap.add_argument("--prefs", default=str(REPO / "runs" / "prefs-gsm8k.parquet"))
     ap.add_argument("--rm-out", default=str(REPO / "runs" / "rm-gsm8k"))
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true", help="reuse --prefs and --rm-out from an earlier run")
     args = ap.parse_args()
     cfg = load_config(REPO / "configs" / "demo.yaml", ["rollout.max_new_tokens=160"])
     ray.init(address="local", include_dashboard=False, num_cpus=4, _temp_dir=f"/tmp/oirl-ray-{os.getpid()}",
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
-        prefs = build_gsm8k_preferences(cfg, args.prefs, args.questions, samples_per_question=2)
+        if args.reuse:
+            old = json.loads((REPO / "benchmarks" / "results" / "reward_model.json").read_text())["preference_set"]
+            prefs = {k: old[k] for k in ("pairs", "questions", "generate_seconds")}
+            rm = json.loads((Path(args.rm_out) / "metrics.json").read_text())
+        else:
+            prefs = build_gsm8k_preferences(cfg, args.prefs, args.questions, samples_per_question=2)
+            rm = train_reward_model(RMConfig(data=args.prefs, backbone="minilm", epochs=args.epochs, lr=5e-5,
+                                             batch_size=16, max_tokens=256), args.rm_out)
         print("preferences:", prefs, flush=True)
-        rm = train_reward_model(RMConfig(data=args.prefs, backbone="minilm", epochs=args.epochs, lr=5e-5,
-                                         batch_size=16, max_tokens=256), args.rm_out)
         print("reward model: held-out accuracy", rm["heldout_pairwise_accuracy"], flush=True)
 
         pairs = read_preferences(args.prefs)

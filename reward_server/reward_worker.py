@@ -106,8 +106,13 @@ class RewardWorker:
         self.function = load_function(cfg.function) if cfg.function else None
         self.model = self.rm_tokenizer = None
         if cfg.model_path:
+            import os
+
             import torch
             from transformers import AutoModelForSequenceClassification
+
+            # Ray caps a num_cpus=0 actor at one thread; scoring is its own phase of the loop, so use the cores.
+            torch.set_num_threads(max(1, int(cfg.num_cpus)) if cfg.num_cpus >= 1 else (os.cpu_count() or 1))
 
             self.rm_tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
             self.model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, dtype=torch.float32)
