@@ -143,7 +143,7 @@ class RolloutWorker:
         """
         import ray
 
-        from oirl.weights import fingerprint
+        from oirl.weights import bucket_to_wire, fingerprint
 
         t0 = time.perf_counter()
         if update.transport == "shm":
@@ -162,7 +162,8 @@ class RolloutWorker:
         elif not self.cfg.in_process_engine:
             arrays = [bytes(a) for a in arrays]  # crosses vLLM's msgpack RPC
         t_hash = time.perf_counter()
-        self.llm.collective_rpc("oirl_reload", args=(update.buckets, arrays, update.version, update.fingerprint))
+        wire = [bucket_to_wire(b) for b in update.buckets]
+        self.llm.collective_rpc("oirl_reload", args=(wire, arrays, update.version, update.fingerprint))
         self.llm.reset_prefix_cache()
         self.version = update.version
         t_end = time.perf_counter()

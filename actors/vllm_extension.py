@@ -20,11 +20,13 @@ class WeightReceiver:
     def oirl_reload(self, buckets: list[Any], arrays: list[Any], version: int, fingerprint: str) -> dict:
         """Load every bucket in one reload call (vLLM's layerwise reload expects the full set at once).
 
-        buckets: list[oirl.weights.Bucket]; arrays: one uint8 buffer per bucket, or a /dev/shm path (str)
-        when this worker runs in another process than the rollout actor.
+        buckets: oirl.weights.bucket_to_wire() of each bucket; arrays: one uint8 buffer (or bytes) per bucket, or
+        a /dev/shm path (str) when this worker runs in another process than the rollout actor.
         """
-        from oirl.weights import unpack_bucket
+        from oirl.weights import bucket_from_wire, unpack_bucket
 
+        buckets = [bucket_from_wire(b) for b in buckets]
+        arrays = [np.frombuffer(a, dtype=np.uint8) if isinstance(a, (bytes, bytearray)) else a for a in arrays]
         buffers = [np.memmap(a, dtype=np.uint8, mode="c") if isinstance(a, str) else a for a in arrays]
         named = itertools.chain.from_iterable(unpack_bucket(b, buf) for b, buf in zip(buckets, buffers))
         self.model_runner.reload_weights(weights_iterator=_with_tied_head(named))

@@ -58,6 +58,18 @@ class WeightUpdate:
     pack_seconds: float = 0.0
 
 
+def bucket_to_wire(bucket: Bucket) -> dict[str, Any]:
+    """Plain data for vLLM's msgpack RPC (dataclasses arrive as dicts there; ObjectRefs cannot cross at all)."""
+    return {"nbytes": bucket.nbytes,
+            "tensors": [[m.name, m.dtype, list(m.shape), m.offset, m.nbytes] for m in bucket.tensors]}
+
+
+def bucket_from_wire(data: dict[str, Any] | Bucket) -> Bucket:
+    if isinstance(data, Bucket):
+        return data
+    return Bucket([TensorMeta(n, d, tuple(s), o, b) for n, d, s, o, b in data["tensors"]], data["nbytes"])
+
+
 def plan_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
     groups: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0

@@ -109,3 +109,19 @@ def test_corrupted_or_wrong_weights_fail_loudly(setup, tiny_model_path):
     batch = generate(engine, served + 1)
     with pytest.raises(SyncError, match="canary: engine 0 logprobs differ"):
         canary_check(learner, [engine], batch.slice(0, 2), SyncConfig())
+
+
+def test_multiprocess_engine_receives_weights_over_vllm_rpc(setup, tiny_model_path):
+    """vLLM's own engine processes (the GPU configs' mode): bucket metadata and bytes cross vLLM's msgpack RPC."""
+    _, learner = setup
+    rcfg = RolloutConfig(samples_per_prompt=2, max_new_tokens=6, num_cpus=0.5, in_process_engine=False)
+    engine = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(rcfg, tiny_model_path, "float32", 0, 1)
+    try:
+        batch = ray.get(engine.generate.remote([0], [PROMPTS[0]], 0), timeout=300)
+        for version, transport in ((1, "shm"), (2, "object_store")):
+            stats = sync_weights(learner, [engine], version, SyncConfig(bucket_mb=1), transport, batch)
+            assert stats["sync/logprob_max_abs_diff"] < 1e-3
+            assert ray.get(engine.served.remote(), timeout=60)["workers"][0]["version"] == version
+    finally:
+        ray.get(engine.shutdown.remote(), timeout=60)
+        ray.kill(engine)
