@@ -16,6 +16,8 @@ DS_BUILD_OPS=0 "$PY" -m pip install -q -e ".[cpu,dev]"
 # CUDA builds of these come with vLLM's resolve and break beside the CPU torch ('torchvision::nms does not
 # exist' when transformers imports them): remove them last, after every resolve.
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# pyenv installs console scripts behind shims that only appear after a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 "$PY" - <<'PY'
 import torch, vllm, deepspeed, ray, transformers
 print(f"oirl setup: torch {torch.__version__}, vllm {vllm.__version__}, deepspeed {deepspeed.__version__}, "
