@@ -19,13 +19,18 @@ from learner.learner_worker import LearnerConfig, LearnerWorker
 logger = logging.getLogger(__name__)
 
 
+def rank_bundles(cfg: LearnerConfig, resources: dict[str, float] | None = None) -> list[dict[str, float]]:
+    """One placement-group bundle per rank: CPUs, GPUs and any custom resources (oirl.plan pins node groups)."""
+    bundle = {"CPU": cfg.num_cpus, **({"GPU": cfg.num_gpus} if cfg.num_gpus else {}), **(resources or {})}
+    return [dict(bundle) for _ in range(cfg.num_ranks)]
+
+
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, model_path: str, dtype: str, seed: int, temperature: float,
                  run_id: str, micro_batch: int, resources: dict[str, float] | None = None):
         """resources: extra custom resources per rank (e.g. {'oirl_learner': 1} to pin ranks to a node group)."""
         self.cfg = cfg
-        bundles = [{"CPU": cfg.num_cpus, **({"GPU": cfg.num_gpus} if cfg.num_gpus else {}), **(resources or {})}
-                   for _ in range(cfg.num_ranks)]  # the same shape as oirl.plan.learner_bundles
+        bundles = rank_bundles(cfg, resources)
         self.pg = placement_group(bundles, strategy="PACK", name=f"oirl-learner-{run_id}")
         try:
             ray.get(self.pg.ready(), timeout=cfg.timeout_s)

@@ -83,6 +83,15 @@ class LearnerConfig:
     """Longest wait for one learner call (collectives use it too)."""
 
 
+def free_master_address() -> tuple[str, int]:
+    """This node's address and a free port for rank 0 to host the torch.distributed rendezvous."""
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return ray.util.get_node_ip_address(), sock.getsockname()[1]
+
+
 def init_distributed(rank: int, world: int, master_ip: str, master_port: int, num_gpus: float, timeout_s: float,
                      cpu_shm_allreduce: bool = False) -> Any:
     """Join the DeepSpeed/torch.distributed group (gloo on CPU, NCCL on GPU); returns this rank's device."""
@@ -147,16 +156,9 @@ class LearnerWorker:
         self.data: dict[str, Any] = {}
         self.iteration = 0
         self.shm_files: dict[int, list[str]] = {}
-        if cfg.num_gpus == 0:
-            os.environ["DS_ACCELERATOR"] = "cpu"
 
     def master_address(self) -> tuple[str, int]:
-        import ray
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return free_master_address()
 
     def node_id(self) -> str:
         import ray

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,11 +116,9 @@ class RMWorker:
         self.cfg, self.rank, self.world, self.backbone = cfg, rank, cfg.num_ranks, backbone
 
     def master_address(self) -> tuple[str, int]:
-        import ray
+        from learner.learner_worker import free_master_address
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
+        return free_master_address()
 
     def setup(self, ip: str, port: int) -> None:
         import deepspeed

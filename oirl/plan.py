@@ -50,11 +50,10 @@ def actor_options(cfg: Any, role: str) -> dict[str, Any]:
 
 
 def learner_bundles(cfg: Any) -> list[dict[str, float]]:
-    """One placement-group bundle per learner rank (LearnerGroup reserves them together with PACK)."""
-    opts = actor_options(cfg, "learner")
-    bundle = {"CPU": opts["num_cpus"], **({"GPU": opts["num_gpus"]} if opts["num_gpus"] else {}),
-              **opts.get("resources", {})}
-    return [dict(bundle) for _ in range(cfg.learner.num_ranks)]
+    """The placement-group bundles LearnerGroup reserves (PACK) for this config's learner ranks."""
+    from learner.group import rank_bundles
+
+    return rank_bundles(cfg.learner, actor_options(cfg, "learner").get("resources"))
 
 
 def format_plan(cfg: Any) -> str:
