@@ -116,16 +116,12 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _ray_session(address: str = ""):
-    """Join RAY_ADDRESS/address when given, else an embedded local cluster (stopped on exit)."""
+    """Join RAY_ADDRESS/address when given, else an embedded local cluster; disconnect (or stop it) on exit."""
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", include_dashboard=False, num_cpus=max(4, os.cpu_count() or 1),
-                 _temp_dir=f"/tmp/oirl-ray-{os.getpid()}",
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    from oirl.driver import start_ray
+
+    start_ray(address, max(4, os.cpu_count() or 1))
     try:
         yield
     finally:

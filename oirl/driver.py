@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from actors.rollout_worker import RolloutWorker
@@ -28,7 +29,7 @@ from oirl.config import RunConfig
 from oirl.data import PromptDataset
 from oirl.metrics import MetricsLogger, plot_curves
 from oirl.models import resolve_model
-from oirl.plan import actor_options
+from oirl.plan import actor_options, placement_plan
 from oirl.sync import choose_transport, sync_weights
 from reward_server.reward_worker import spawn_reward_actor
 
@@ -50,18 +51,16 @@ def wait(refs: Any, timeout: float, what: str) -> Any:
         raise TimeoutError(f"{what} did not finish within {timeout}s") from e
 
 
-def start_ray(cfg: RunConfig) -> bool:
-    """Join cfg.ray_address / RAY_ADDRESS when given, else start an embedded local cluster. True if started."""
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
-    env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}}
+def start_ray(address: str, num_cpus: int) -> bool:
+    """Join ``address`` (or RAY_ADDRESS) when given, else start an embedded local cluster of ``num_cpus`` logical
+    CPUs with its own temp dir. Returns True when it started one."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         # A `ray job submit` entrypoint already runs in the job's runtime env (working_dir or image): join as is.
         ray.init(address=address, log_to_driver=True)
         return False
-    needed = (cfg.rollout.num_engines * cfg.rollout.num_cpus + cfg.learner.num_ranks * cfg.learner.num_cpus
-              + cfg.reward.num_cpus)
-    num_cpus = cfg.ray_num_cpus or max(int(np.ceil(needed)), os.cpu_count() or 1)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}},
              _temp_dir=f"/tmp/oirl-ray-{os.getpid()}")
     return True
 
@@ -84,7 +83,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     if resume and not (ckpt_dir / "latest").is_file():
         raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}; run without --resume first")
 
-    started = start_ray(cfg)
+    needed = sum(p.count * p.num_cpus for p in placement_plan(cfg))
+    started = start_ray(cfg.ray_address, cfg.ray_num_cpus or max(int(np.ceil(needed)), os.cpu_count() or 1))
     run_id = uuid.uuid4().hex[:8]
     r = cfg.rollout
     engine_cls = ray.remote(RolloutWorker)
@@ -154,7 +154,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
 
             timings["timing_s/iteration"] = time.perf_counter() - t_iter
             versions = batch.column("policy_version").to_numpy()
-            resp_tokens = sum(len(x) for x in batch.column("response_token_ids").to_pylist())
+            resp_tokens = pc.sum(pc.list_value_length(batch.column("response_token_ids"))).as_py()
             last = {
                 "iteration": it,
                 "rollout/policy_version_min": int(versions.min()),
