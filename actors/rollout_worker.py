@@ -37,7 +37,10 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature; the learner scores with the same temperature."""
     top_p: float = 1.0
-    """Nucleus sampling; keep 1.0 for exact PPO ratios."""
+    """Nucleus sampling. Must stay 1.0: the learner scores the full distribution, so a truncated one would make
+    the PPO ratios and the on-policy check wrong (rejected at start-up)."""
+    top_k: int = -1
+    """Top-k sampling; must stay -1 (off) for the same reason as top_p."""
     kv_cache_gib: float = 1.0
     """KV cache per engine on CPU (VLLM_CPU_KVCACHE_SPACE); without it vLLM reserves most of RAM."""
     gpu_memory_utilization: float = 0.4
@@ -54,6 +57,9 @@ class RolloutConfig:
     """vLLM scheduler batch limit."""
     timeout_s: float = 900.0
     """Longest wait for one generate call before the driver fails the iteration."""
+    max_restarts: int = 2
+    """Engines that die mid-generate are replaced (synced to the current version, shard regenerated with the same
+    seeds) up to this many times per run; then the run stops and names the engine."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,14 @@ class SyncConfig:
     """Max |engine logprob - learner logprob| on the canary tokens after a sync (fp32)."""
     canary_samples: int = 2
     """Samples of the last batch re-scored by every engine after a sync."""
+    on_policy_tolerance: float = 1e-3
+    """Per-token |engine logprob - learner logprob| allowed on the sampled tokens, checked every iteration over
+    every response token of every rank (fp32: ~1e-5 is typical; bf16 needs ~0.05-0.1)."""
+    on_policy_max_frac: float = 0.0
+    """Fraction of response tokens allowed beyond on_policy_tolerance (bf16: a small fraction of low-probability
+    tokens may exceed it without anything being wrong)."""
+    on_policy_action: str = "error"
+    """What a failed on-policy check does: 'error' (stop; the engines do not serve the learner's policy) or 'warn'."""
     timeout_s: float = 300.0
     """Longest wait for one engine to load a version."""
 
@@ -118,7 +132,7 @@ class RolloutWorker:
             )
         seeds = seeds if seeds is not None else [None] * len(prompt_ids)
         params = [SamplingParams(n=self.cfg.samples_per_prompt, temperature=self.cfg.temperature,
-                                 top_p=self.cfg.top_p, max_tokens=self.cfg.max_new_tokens, logprobs=0, seed=s)
+                                 top_p=self.cfg.top_p, top_k=self.cfg.top_k, max_tokens=self.cfg.max_new_tokens, logprobs=0, seed=s)
                   for s in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params,
                                     use_tqdm=False)
@@ -136,39 +150,43 @@ class RolloutWorker:
                                   rows["finish"], self.version)
 
     def load_weights(self, update: Any, timeout_s: float = 300.0) -> dict:
-        """Receive version k+1: fetch buckets, check the fingerprint, reload in place, reset the prefix cache.
+        """Receive version k+1: fetch the buckets, reload them in place, reset the prefix cache.
 
         update: oirl.weights.WeightUpdate; each bucket.location is a /dev/shm path (shm) or an ObjectRef
-        (object_store: zero-copy from the node's object store, fetched by Ray across nodes).
+        (object_store: zero-copy from the node's object store, fetched by Ray across nodes). The engine's worker
+        hashes what it loads and reports that fingerprint; a mismatch with the learner's fails here, naming the
+        engine (and again in the driver's served() check).
         """
         import ray
 
-        from oirl.weights import bucket_to_wire, fingerprint
+        from oirl.weights import bucket_to_wire
 
         t0 = time.perf_counter()
         if update.transport == "shm":
             arrays = [np.memmap(b.location, dtype=np.uint8, mode="c") for b in update.buckets]
         else:
             arrays = ray.get([b.location for b in update.buckets], timeout=timeout_s)
-        t_fetch = time.perf_counter()
-        got = fingerprint(update.buckets, arrays)
-        if got != update.fingerprint:
-            raise RuntimeError(
-                f"engine {self.engine_index}: weights for version {update.version} arrived corrupted "
-                f"(fingerprint {got} != {update.fingerprint})"
-            )
         if not self.cfg.in_process_engine and update.transport == "shm":
             arrays = [b.location for b in update.buckets]  # the worker process maps the files itself
         elif not self.cfg.in_process_engine:
             arrays = [bytes(a) for a in arrays]  # crosses vLLM's msgpack RPC
-        t_hash = time.perf_counter()
-        wire = [bucket_to_wire(b) for b in update.buckets]
-        self.llm.collective_rpc("oirl_reload", args=(wire, arrays, update.version, update.fingerprint))
+        t_fetch = time.perf_counter()
+        reports = self._reload([bucket_to_wire(b) for b in update.buckets], arrays, update.version)
         self.llm.reset_prefix_cache()
+        for report in reports:
+            if report["fingerprint"] != update.fingerprint:
+                raise RuntimeError(
+                    f"engine {self.engine_index}: the weights its worker loaded for version {update.version} hash to "
+                    f"{report['fingerprint']}, not the learner's {update.fingerprint}: corrupted on the way"
+                )
         self.version = update.version
-        t_end = time.perf_counter()
         return {"engine": self.engine_index, "version": update.version, "fetch_s": t_fetch - t0,
-                "verify_s": t_hash - t_fetch, "reload_s": t_end - t_hash, "seconds": t_end - t0}
+                "verify_s": max(r["verify_s"] for r in reports), "reload_s": max(r["reload_s"] for r in reports),
+                "seconds": time.perf_counter() - t0}
+
+    def _reload(self, wire: list[dict], arrays: list[Any], version: int) -> list[dict]:
+        """Every worker of the engine hashes and loads the buckets (actors/vllm_extension.py)."""
+        return self.llm.collective_rpc("oirl_reload", args=(wire, arrays, version))
 
     def served(self) -> dict:
         """Version and fingerprint as reported by the engine's worker itself (not the actor's bookkeeping)."""

@@ -9,6 +9,7 @@ methods with ``llm.collective_rpc(name, args=...)``. Weights are loaded in place
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 import numpy as np
@@ -17,25 +18,33 @@ import numpy as np
 class WeightReceiver:
     """Mixed into vLLM's Worker class; ``self.model_runner`` is the worker's model runner."""
 
-    def oirl_reload(self, buckets: list[Any], arrays: list[Any], version: int, fingerprint: str) -> dict:
-        """Load every bucket in one reload call (vLLM's layerwise reload expects the full set at once).
+    def oirl_reload(self, buckets: list[Any], arrays: list[Any], version: int) -> dict:
+        """Hash, then load every bucket in one reload call (vLLM's layerwise reload expects the full set at once).
 
         buckets: oirl.weights.bucket_to_wire() of each bucket; arrays: one uint8 buffer (or bytes) per bucket, or
         a /dev/shm path (str) when this worker runs in another process than the rollout actor.
+
+        The fingerprint is computed here, in the worker's process, over the very buffers handed to the reload, and
+        nothing else: it is never taken from the caller, so a bucket corrupted anywhere on its way (transport,
+        actor, RPC, a file rewritten under the mapping) shows up as a mismatch in the driver's served check.
         """
-        from oirl.weights import bucket_from_wire, unpack_bucket
+        from oirl.weights import bucket_from_wire, fingerprint, unpack_bucket
 
         buckets = [bucket_from_wire(b) for b in buckets]
         arrays = [np.frombuffer(a, dtype=np.uint8) if isinstance(a, (bytes, bytearray)) else a for a in arrays]
         buffers = [np.memmap(a, dtype=np.uint8, mode="c") if isinstance(a, str) else a for a in arrays]
+        t0 = time.perf_counter()
+        computed = fingerprint(buckets, buffers)
+        t_hash = time.perf_counter()
         named = itertools.chain.from_iterable(unpack_bucket(b, buf) for b, buf in zip(buckets, buffers))
         self.model_runner.reload_weights(weights_iterator=_with_tied_head(named))
         self.oirl_version = version
-        self.oirl_fingerprint = fingerprint
-        return {"version": version, "fingerprint": fingerprint}
+        self.oirl_fingerprint = computed
+        return {"version": version, "fingerprint": computed, "verify_s": t_hash - t0,
+                "reload_s": time.perf_counter() - t_hash}
 
     def oirl_served(self) -> dict:
-        """The version and fingerprint of the weights this worker last loaded (-1 before any sync)."""
+        """The version and the worker-computed fingerprint of the weights it last loaded (-1 before any sync)."""
         return {"version": getattr(self, "oirl_version", -1), "fingerprint": getattr(self, "oirl_fingerprint", "")}
 
 

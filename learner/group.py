@@ -1,8 +1,9 @@
 """LearnerGroup: spawns the M LearnerWorker ranks as Ray actors and calls them together.
 
 One placement group keeps the ranks' resources reserved together (PACK: on one node when it fits). Every call
-fans out to all ranks first and then waits once, with the configured timeout, so a dead or stuck rank surfaces as
-an error naming the rank instead of a hang.
+fans out to all ranks first and then waits once, with the configured timeout, failing as soon as any rank fails:
+a dead or stuck rank surfaces as an error naming the rank (and telling the user to --resume) instead of a hang
+while its peers sit in a collective.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.learner_worker import LearnerConfig, LearnerWorker
+from oirl.remote import get_all
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +42,11 @@ class LearnerGroup:
                 "the CPUs/GPUs; lower learner.num_ranks or learner.num_cpus, or add nodes"
             ) from e
         remote_cls = ray.remote(LearnerWorker)
+        self.names = [f"oirl-learner-{run_id}-rank{r}" for r in range(cfg.num_ranks)]
         self.workers = [
             remote_cls.options(
                 num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=resources or {},
-                name=f"oirl-learner-{run_id}-rank{r}",
+                name=self.names[r],
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
             ).remote(cfg, r, model_path, dtype, seed, temperature, run_id)
             for r in range(cfg.num_ranks)
@@ -53,22 +56,36 @@ class LearnerGroup:
 
     def _get(self, refs: list[Any], what: str, timeout: float | None = None) -> list[Any]:
         timeout = timeout or self.cfg.timeout_s
-        try:
-            return ray.get(refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError as e:
-            raise TimeoutError(f"learner call '{what}' did not finish within {timeout}s "
-                               "(raise learner.timeout_s if the model is large)") from e
+        names = [f"learner rank {r} ({self.names[r]})" for r in range(len(refs))]
+        return get_all(refs, timeout, f"learner call '{what}'", names,
+                       hint="a learner rank cannot be replaced mid-run (its peers hold the other shards): rerun "
+                            "with --resume to continue from the last checkpoint (raise learner.timeout_s if the "
+                            "model is just slow)")
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Start ``method`` on every rank; wait() for the results."""
+        return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
+
+    def wait(self, refs: list[Any], method: str) -> list[Any]:
+        return self._get(refs, method)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``method`` on every rank and return the per-rank results (rank order)."""
-        refs = [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
-        return self._get(refs, method)
+        return self._get(self.submit(method, *args, **kwargs), method)
 
     def call_rank0(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run ``method`` on every rank (collectives need all of them) and return rank 0's result."""
         return self.call(method, *args, **kwargs)[0]
 
+    def close_shm(self, timeout: float = 30.0) -> None:
+        """Remove this run's /dev/shm files; short timeout: it runs on the way out, maybe after a failure."""
+        self._get(self.submit("close_shm"), "close_shm", timeout)
+
     def shutdown(self) -> None:
+        try:
+            self.close_shm()
+        except Exception:  # a dead rank: its files go at the next start (oirl.weights.clean_stale_shm)
+            logger.warning("could not remove the learner's /dev/shm files", exc_info=True)
         for w in self.workers:
             ray.kill(w)
         remove_placement_group(self.pg)

@@ -156,6 +156,8 @@ class LearnerWorker:
         self.data: dict[str, Any] = {}
         self.iteration = 0
         self.shm_files: dict[int, list[str]] = {}
+        self.shm_dir = "/dev/shm"
+        self.shm_lock: int | None = None
 
     def master_address(self) -> tuple[str, int]:
         return free_master_address()
@@ -170,6 +172,15 @@ class LearnerWorker:
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from oirl.weights import claim_shm, clean_stale_shm
+
+        if os.path.isdir(self.shm_dir):  # every rank cleans its node: dead runs' buckets, never a live run's
+            if self.rank == 0:
+                self.shm_lock = claim_shm(self.shm_dir, self.run_id)
+            stale = clean_stale_shm(self.shm_dir, self.run_id)
+            if stale:
+                logger.warning("removed %d /dev/shm files left by runs that are no longer alive", len(stale))
 
         self.device = init_distributed(self.rank, self.world, master_ip, master_port, self.cfg.num_gpus,
                                        self.cfg.timeout_s, self.cfg.cpu_shm_allreduce)
@@ -211,16 +222,28 @@ class LearnerWorker:
                 outs.append(model_fn(*(d[k][sl] for k in keys)))
         return outs
 
-    def _allreduce(self, values: list[float]) -> list[float]:
+    def _allreduce(self, values: list[float], op: str = "sum") -> list[float]:
         import torch
         import torch.distributed as dist
 
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.tolist()
 
-    def prepare(self, batch: Any, iteration: int) -> dict:
-        """Score this rank's rows: old logprobs + values (policy), reference logprobs, rewards, GAE."""
+    def _on_policy_stats(self, mask: Any, tolerance: float) -> dict:
+        """|learner - engine| logprob of every sampled response token, over every rank: the primary on-policy
+        check (the engine sampled these tokens; the learner must give them the same probability)."""
+        diff = (self.data["old_logprobs"] - self.data["engine_logprobs"]).abs() * mask
+        (worst,) = self._allreduce([diff.max().item() if mask.numel() else 0.0], op="max")
+        total, over, n_tok = self._allreduce([diff.sum().item(), ((diff > tolerance) * mask).sum().item(),
+                                              mask.sum().item()])
+        key = "rollout/engine_learner_logprob"
+        return {f"{key}_max_abs_diff": worst, f"{key}_mean_abs_diff": total / max(n_tok, 1.0),
+                f"{key}_frac_over_tol": over / max(n_tok, 1.0), f"{key}_tolerance": tolerance}
+
+    def prepare(self, batch: Any, iteration: int, on_policy_tolerance: float = 1e-3) -> dict:
+        """Score this rank's rows: old logprobs + values (policy), reference logprobs, rewards, GAE, and the
+        engine/learner logprob comparison over every rank (on_policy_tolerance: per-token |diff| counted as over)."""
         import torch
 
         from learner import ppo
@@ -247,14 +270,13 @@ class LearnerWorker:
                                          ppo.masked_sum(adv**2, mask).item()])
         if self.cfg.whiten_advantages:
             mean = s1 / n_tok
-            adv = ppo.masked_whiten(adv, mask, torch.tensor(mean), torch.tensor(max(s2 / n_tok - mean**2, 0.0)))
+            adv = ppo.masked_whiten(adv, mask, mean, max(s2 / n_tok - mean**2, 0.0))
         d["advantages"] = -adv if self.cfg.flip_advantage_sign else adv
-        lp_diff = ((d["old_logprobs"] - d["engine_logprobs"]).abs() * mask).max().item()
         kl_sum, v_sum, r_sum, n_seq = self._allreduce([ppo.masked_sum(kl, mask).item(),
                                                        ppo.masked_sum(d["old_values"], mask).item(),
                                                        d["reward"].sum().item(), float(len(rows))])
         return {"kl/mean": kl_sum / n_seq, "kl/per_token": kl_sum / n_tok, "learner/value_mean": v_sum / n_tok,
-                "rollout/engine_learner_logprob_max_abs_diff": lp_diff, "learner/tokens": n_tok}
+                "learner/tokens": n_tok, **self._on_policy_stats(mask, on_policy_tolerance)}
 
     def update(self) -> dict:
         """PPO epochs over mini-batches; the loss is a token mean over the global mini-batch."""
@@ -313,7 +335,7 @@ class LearnerWorker:
         """Pack the policy's HF-named weights into buckets (rank 0); every rank joins the ZeRO-3 gather."""
         import ray
 
-        from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets
+        from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets, shm_bucket_path
 
         with self._gathered():
             if self.rank != 0:
@@ -324,8 +346,9 @@ class LearnerWorker:
             files = []
             for i, group in enumerate(plan_buckets(named, bucket_mb << 20)):
                 if transport == "shm":
-                    path = os.path.join(shm_dir, f"oirl-{self.run_id}-v{version}-b{i}.bin")
+                    path = shm_bucket_path(shm_dir, self.run_id, version, i)
                     files.append(path)
+                    self.shm_files[version] = files  # before writing: a failure below still releases it
                     bucket, buf = pack_bucket(group, lambda n, p=path: np.memmap(p, dtype=np.uint8, mode="w+",
                                                                                   shape=(max(n, 1),))[:n])
                     bucket.location = path
@@ -338,7 +361,6 @@ class LearnerWorker:
                 for buf in buffers:
                     if isinstance(buf, np.memmap):
                         buf.flush()
-                self.shm_files[version] = files
             else:
                 for bucket, buf in zip(buckets, buffers):
                     bucket.location = ray.put(buf)
@@ -346,13 +368,25 @@ class LearnerWorker:
             update.pack_seconds = time.perf_counter() - t0
             return update
 
-    def release_weights(self, version: int) -> None:
-        """Delete the /dev/shm files of a version once every engine has loaded it."""
-        for path in self.shm_files.pop(version, []):
+    def release_weights(self, version: int | None = None) -> None:
+        """Delete the /dev/shm files of a version once every engine has loaded it (None: of every version)."""
+        for v in list(self.shm_files) if version is None else [version]:
+            for path in self.shm_files.pop(v, []):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+    def close_shm(self) -> None:
+        """Delete every /dev/shm file of this run, its lock included (end of the run, or after a failure)."""
+        self.release_weights(None)
+        if self.shm_lock is not None:
             try:
-                os.unlink(path)
+                os.unlink(os.path.join(self.shm_dir, f"oirl-{self.run_id}.lock"))
             except FileNotFoundError:
                 pass
+            os.close(self.shm_lock)
+            self.shm_lock = None
 
     def logprobs(self, token_ids: list[list[int]], prompt_lens: list[int]) -> list[np.ndarray] | None:
         """Learner logprobs (temperature 1) of tokens after prompt_lens[i]; the sync canary compares them."""
@@ -383,14 +417,15 @@ class LearnerWorker:
 
     # ---- persistence -----------------------------------------------------------------------------------------
 
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        """Write this rank's part of checkpoint ``tag``. DeepSpeed's own 'latest' pointer is not written: the
+        driver commits a checkpoint (oirl/checkpoint.py) only after every rank returned from here."""
+        self.engine.save_checkpoint(directory, tag=tag, save_latest=False)
 
-    def load_checkpoint(self, directory: str) -> dict:
-        path, client_state = self.engine.load_checkpoint(directory)
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag=tag)
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
-        return client_state
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag} under {directory}")
 
     def save_hf(self, out_dir: str) -> None:
         """The policy as a plain HF folder (weights + config + tokenizer) that transformers and vLLM load."""

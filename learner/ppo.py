@@ -89,7 +89,7 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_
     """score [B], kl [B, R], mask [B, R] -> per-token reward [B, R]: -kl_coef*kl, plus score on the last token."""
     rewards = -kl_coef * kl * mask
     last = (mask.sum(-1).long() - 1).clamp(min=0)
-    rewards[torch.arange(len(score)), last] += score * (mask.sum(-1) > 0)
+    rewards[torch.arange(len(score), device=score.device), last] += score * (mask.sum(-1) > 0)
     return rewards
 
 
@@ -101,8 +101,8 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     """
     b, r = rewards.shape
     adv = torch.zeros_like(rewards)
-    last_gae = torch.zeros(b, dtype=rewards.dtype)
-    next_value = torch.zeros(b, dtype=rewards.dtype)
+    last_gae = torch.zeros(b, dtype=rewards.dtype, device=rewards.device)
+    next_value = torch.zeros(b, dtype=rewards.dtype, device=rewards.device)
     for t in reversed(range(r)):
         m = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
@@ -114,9 +114,9 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return adv, returns
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """(x - mean)/std on valid tokens; mean and var are passed in so they can be global across ranks."""
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, mean: float, var: float) -> torch.Tensor:
+    """(x - mean)/std on valid tokens; mean and var (floats) are passed in so they can be global across ranks."""
+    return (x - mean) * (1.0 / float(np.sqrt(var + 1e-8))) * mask
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from oirl.config import REPO_ROOT, ConfigError, load_config
+from oirl.config import OFFLINE_ENV, REPO_ROOT, ConfigError, load_config
 
 
 def _config_path(arg: str | None) -> str:
@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p_srv.add_argument("--config")
     p_srv.add_argument("--host", default="127.0.0.1")
     p_srv.add_argument("--port", type=int, default=8000)
-    p_srv.add_argument("--token", default=os.environ.get("OIRL_REWARD_TOKEN", ""),
-                       help="bearer token (required off loopback; default: $OIRL_REWARD_TOKEN)")
+    p_srv.add_argument("--token-file", help="file holding the bearer token clients must send (default: the token in "
+                                             "$OIRL_REWARD_TOKEN; one of them is required off loopback)")
+    p_srv.add_argument("--token", help=argparse.SUPPRESS)  # refused: a token on a command line shows in `ps`
     p_rm = sub.add_parser("train-rm", help="train a reward model (Bradley-Terry) on preference pairs")
     p_rm.add_argument("--data", required=True, help="JSONL or Parquet with prompt, chosen, rejected")
     p_rm.add_argument("--out", required=True)
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p_pref.add_argument("--questions", type=int, default=256)
     p_pref.add_argument("--samples", type=int, default=2, help="samples per question (one wrong one is kept)")
     args, rest = parser.parse_known_args(argv)
+    for key, value in OFFLINE_ENV.items():  # set before transformers/huggingface_hub are imported
+        os.environ.setdefault(key, value)
 
     logging.basicConfig(level=os.environ.get("OIRL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(stats))
         return 0
     if args.command == "serve-reward":
-        return _serve_reward(cfg, args.host, args.port, args.token)
+        return _serve_reward(cfg, args.host, args.port, args.token_file, args.token)
     if args.command == "prepare-model":
         from oirl.models import resolve_model
 
@@ -100,15 +103,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from oirl.data import DatasetError
     from oirl.driver import train
+    from oirl.remote import RemoteError
+    from oirl.sync import SyncError
 
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
     out = args.out or str(Path("runs") / Path(_config_path(args.config)).stem)
     try:
         final = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    except (DatasetError, FileNotFoundError) as e:
+    except (DatasetError, FileNotFoundError, ValueError) as e:
         print(f"oirl: {e}", file=sys.stderr)
         return 2
+    except (RemoteError, SyncError, TimeoutError) as e:
+        from oirl.checkpoint import read_commit
+
+        committed = read_commit(Path(out) / "checkpoints")
+        where = (f"the last committed checkpoint is iteration {committed['iteration']}: continue with the same "
+                 "command plus --resume" if committed else "no checkpoint was committed yet: rerun from the start")
+        print(f"oirl: the run failed: {e}\noirl: {where}", file=sys.stderr)
+        return 1
     print(json.dumps({k: final[k] for k in ("iteration", "reward/mean", "kl/mean", "sync/seconds") if k in final}))
     print(f"oirl: wrote {out}/metrics.jsonl, {out}/curves.png and the final policy in {out}/final")
     return 0
@@ -156,23 +169,42 @@ def _train_rm(data: str, out: str, backbone: str, overrides: list[str]) -> int:
     return 0
 
 
-def _serve_reward(cfg, host: str, port: int, token: str) -> int:
+def _serve_reward(cfg, host: str, port: int, token_file: str | None, token_arg: str | None) -> int:
+    """Serve cfg.reward over HTTP. Everything a user can get wrong is checked before a model loads; the token is
+    read from --token-file or $OIRL_REWARD_TOKEN and never printed."""
+    from oirl.config import resolve_path
     from oirl.models import resolve_model
     from reward_server.http import ServerConfig, is_loopback, make_server
-    from reward_server.reward_worker import RewardWorker
+    from reward_server.reward_worker import RewardWorker, read_token_file
 
+    if token_arg is not None:
+        print("oirl: --token is not accepted: a token on the command line is visible to every user of the machine "
+              "(ps, shell history); use --token-file FILE or the environment variable OIRL_REWARD_TOKEN",
+              file=sys.stderr)
+        return 2
+    rw = cfg.reward
+    if rw.model_path and not (resolve_path(rw.model_path) / "config.json").is_file():
+        print(f"oirl: config error: reward.model_path={rw.model_path!r} is not a model folder (no config.json in "
+              f"{resolve_path(rw.model_path)}); train one with `oirl train-rm --data PREFS --out DIR` and point "
+              "reward.model_path at DIR", file=sys.stderr)
+        return 2
     try:
-        srv_cfg = ServerConfig(host=host, port=port, token=token)
+        token = (read_token_file(token_file, "--token-file") if token_file
+                 else os.environ.get("OIRL_REWARD_TOKEN", "").strip())
         if not token and not is_loopback(host):  # checked before any model loads
-            raise ValueError(f"refusing to serve rewards on {host} without a token: pass --token (clients send "
-                             "'Authorization: Bearer <token>') or bind 127.0.0.1")
-        worker = RewardWorker(cfg.reward, str(resolve_model(cfg.model)))
-        server = make_server(worker, srv_cfg)
+            raise ValueError(f"refusing to serve rewards on {host} without a token: pass --token-file FILE or set "
+                             "$OIRL_REWARD_TOKEN (clients send 'Authorization: Bearer <token>'), or bind 127.0.0.1")
+        if rw.normalize:
+            logging.getLogger(__name__).warning(
+                "reward.normalize: the HTTP front never updates running statistics (clients must not move each "
+                "other's rewards), so rewards are served unnormalised; normalise in the trainer instead")
+        worker = RewardWorker(rw, str(resolve_model(cfg.model)))
+        server = make_server(worker, ServerConfig(host=host, port=port, token=token))
     except ValueError as e:
         print(f"oirl: {e}", file=sys.stderr)
         return 2
     print(f"oirl: serving rewards on http://{host}:{server.server_address[1]} (POST /score, GET /health, "
-          "GET /metrics)", flush=True)
+          f"GET /metrics){'; clients must send the bearer token' if token else ''}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

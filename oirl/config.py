@@ -20,6 +20,10 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Nothing ever waits on a model hub: models come from files or packages. The CLI sets these for itself (unless the
+# user set them) and the embedded Ray cluster passes them to every actor.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the field and how to fix it."""
@@ -38,7 +42,8 @@ class ModelConfig:
     tiny_vocab_size: int = 512
     """Vocabulary of the byte-level BPE tokenizer trained for the 'tiny' model."""
     dtype: str = "float32"
-    """Parameter dtype for learner and engines: float32 (CPU) or bfloat16 (GPU)."""
+    """Parameter dtype for learner and engines: float32 (CPU) or bfloat16 (GPU). float16 is rejected (it needs
+    loss scaling, which the learner does not do)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ class RunConfig:
     """Global seed (learner init, sampling)."""
     checkpoint_every: int = 5
     """Write a DeepSpeed checkpoint every N iterations (0 = never; the last iteration is always saved)."""
+    checkpoint_keep: int = 2
+    """Committed checkpoints kept on disk (older ones are deleted after each commit)."""
     ray_address: str = ""
     """Ray cluster to join; empty = RAY_ADDRESS or an embedded local cluster."""
     ray_num_cpus: int = 0
@@ -236,13 +243,31 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """No NaN or inf anywhere in the tree: YAML reads '.nan' and '.inf' as floats, and a NaN coefficient would
+    otherwise train silently on NaN losses."""
+    import math
+
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), f"{prefix}{f.name}={value} must be a finite number")
+
+
 def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     """Fail fast, before any actor starts, with a message that names the field and the fix."""
     r, lr, d, s, rw = cfg.rollout, cfg.learner, cfg.data, cfg.sync, cfg.reward
     _check(cfg.iterations >= 1, f"iterations={cfg.iterations} must be >= 1")
     _check(cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every} must be >= 0 (0 disables)")
-    _check(cfg.model.dtype in ("float32", "bfloat16", "float16"),
-           f"model.dtype={cfg.model.dtype!r} must be float32, bfloat16 or float16 (use float32 on CPU)")
+    _check_finite(cfg)
+    _check(cfg.checkpoint_keep >= 1, f"checkpoint_keep={cfg.checkpoint_keep} must be >= 1")
+    _check(cfg.model.dtype != "float16",
+           "model.dtype='float16' trains without loss scaling (gradients underflow silently); use "
+           "model.dtype=bfloat16 on GPUs (same memory, no scaling needed) or float32 on CPU")
+    _check(cfg.model.dtype in ("float32", "bfloat16"),
+           f"model.dtype={cfg.model.dtype!r} must be float32 or bfloat16 (use float32 on CPU)")
     _check(d.source in ("gsm8k", "synthetic"), f"data.source={d.source!r} must be 'gsm8k' or 'synthetic'")
     _check(d.prompts_per_iteration >= 1, f"data.prompts_per_iteration={d.prompts_per_iteration} must be >= 1")
     _check(d.max_prompt_tokens >= 1, f"data.max_prompt_tokens={d.max_prompt_tokens} must be >= 1")
@@ -254,7 +279,14 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _check(r.samples_per_prompt >= 1, f"rollout.samples_per_prompt={r.samples_per_prompt} must be >= 1")
     _check(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
     _check(r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0 (PPO needs a stochastic policy)")
-    _check(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
+    _check(r.top_p == 1.0,
+           f"rollout.top_p={r.top_p}: nucleus sampling truncates the distribution the engine samples from, but the "
+           "learner scores the full one, so PPO's ratios and the on-policy check would be wrong; set "
+           "rollout.top_p=1.0 (lower rollout.temperature to sharpen sampling)")
+    _check(r.top_k in (-1, 0),
+           f"rollout.top_k={r.top_k}: top-k truncates the sampling distribution (see rollout.top_p); set "
+           "rollout.top_k=-1 (off)")
+    _check(r.max_restarts >= 0, f"rollout.max_restarts={r.max_restarts} must be >= 0")
     _check(r.kv_cache_gib > 0, f"rollout.kv_cache_gib={r.kv_cache_gib} must be > 0")
     _check(lr.num_ranks >= 1, f"learner.num_ranks={lr.num_ranks} must be >= 1")
     _check(lr.zero_stage in (0, 1, 2, 3), f"learner.zero_stage={lr.zero_stage} must be 0, 1, 2 or 3")
@@ -263,6 +295,11 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _check(lr.num_minibatches >= 1, f"learner.num_minibatches={lr.num_minibatches} must be >= 1")
     _check(lr.kl_estimator in ("k1", "k3"), f"learner.kl_estimator={lr.kl_estimator!r} must be 'k1' or 'k3'")
     _check(lr.clip_ratio > 0, f"learner.clip_ratio={lr.clip_ratio} must be > 0")
+    _check(lr.value_clip > 0, f"learner.value_clip={lr.value_clip} must be > 0 (it bounds the value update per step)")
+    _check(lr.forward_batch_size >= 1, f"learner.forward_batch_size={lr.forward_batch_size} must be >= 1 (rows per "
+                                       "no-grad forward)")
+    for name in ("vf_coef", "kl_coef", "entropy_coef", "weight_decay", "max_grad_norm"):
+        _check(getattr(lr, name) >= 0, f"learner.{name}={getattr(lr, name)} must be >= 0")
     _check(0 <= lr.gamma <= 1 and 0 <= lr.gae_lambda <= 1,
            f"learner.gamma={lr.gamma} and learner.gae_lambda={lr.gae_lambda} must be in [0, 1]")
     per_step = lr.num_ranks * lr.num_minibatches
@@ -274,12 +311,20 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            f"sync.transport={s.transport!r} must be 'auto', 'shm' or 'object_store'")
     _check(s.bucket_mb >= 1, f"sync.bucket_mb={s.bucket_mb} must be >= 1")
     _check(s.canary_tolerance > 0, f"sync.canary_tolerance={s.canary_tolerance} must be > 0")
+    _check(s.on_policy_tolerance > 0, f"sync.on_policy_tolerance={s.on_policy_tolerance} must be > 0")
+    _check(0 <= s.on_policy_max_frac < 1, f"sync.on_policy_max_frac={s.on_policy_max_frac} must be in [0, 1)")
+    _check(s.on_policy_action in ("error", "warn"),
+           f"sync.on_policy_action={s.on_policy_action!r} must be 'error' or 'warn'")
     _check(rw.kind in ("gsm8k", "synthetic_digits", "none"),
            f"reward.kind={rw.kind!r} must be 'gsm8k', 'synthetic_digits' or 'none'")
     _check(rw.kind != "none" or rw.function or rw.model_path or rw.url,
            "reward.kind=none needs another backend: set reward.model_path, reward.function or reward.url")
     _check(not rw.url or rw.url.startswith(("http://", "https://")),
            f"reward.url={rw.url!r} must start with http:// or https://")
+    _check(rw.url_token_env == "" or (rw.url_token_env.isascii() and not rw.url_token_env[0].isdigit() and all(
+        c.isupper() or c.isdigit() or c == "_" for c in rw.url_token_env)),
+           "reward.url_token_env must be the NAME of an environment variable (upper-case letters, digits and _, "
+           "e.g. OIRL_REWARD_TOKEN) that holds the token, never the token itself")
     _check(rw.clip >= 0, f"reward.clip={rw.clip} must be >= 0 (0 disables clipping)")
     if rw.model_path and check_paths:
         _check((resolve_path(rw.model_path) / "config.json").is_file(),

@@ -1,9 +1,12 @@
 """The PPO driver: one loop, read top to bottom.
 
     for iteration k:  generate (version k) -> reward -> prepare (ref logprobs, values, GAE) -> update
-                      -> weight sync (version k+1, verified) -> log / checkpoint
+                      -> weight sync (version k+1, verified) -> checkpoint (committed) -> log
 
-Strict on-policy: iteration k generates with weights version k and every sample is checked for it.
+Strict on-policy: iteration k generates with weights version k, every sample is checked for it, and the learner's
+logprobs of the sampled tokens must match the engine's (sync.on_policy_tolerance). Everything that changes the run
+(weights, optimizer, sampler position, reward normalisation, the metrics row) is in the committed checkpoint, so
+kill -9 at any point + --resume reproduces the uninterrupted run (OIRL_FAULT, oirl/faults.py, drills exactly that).
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from actors.rollout_worker import RolloutWorker
+from actors.engine_pool import EnginePool
 from learner.group import LearnerGroup
+from oirl import checkpoint, faults
 from oirl.batch import add_column, validate_versions
-from oirl.config import RunConfig
+from oirl.config import OFFLINE_ENV, RunConfig
 from oirl.data import PromptDataset
 from oirl.metrics import MetricsLogger, plot_curves
 from oirl.models import resolve_model
 from oirl.plan import actor_options, placement_plan
-from oirl.sync import choose_transport, sync_weights
+from oirl.remote import get_all
+from oirl.sync import check_on_policy, checkpoint_tensors, choose_transport, sync_weights
 from reward_server.reward_worker import spawn_reward_actor
 
 logger = logging.getLogger(__name__)
@@ -43,14 +48,6 @@ def timed(timings: dict[str, float], phase: str):
     timings[f"timing_s/{phase}"] = time.perf_counter() - t0
 
 
-def wait(refs: Any, timeout: float, what: str) -> Any:
-    """ray.get with a timeout and an error that says which role was too slow."""
-    try:
-        return ray.get(refs, timeout=timeout)
-    except ray.exceptions.GetTimeoutError as e:
-        raise TimeoutError(f"{what} did not finish within {timeout}s") from e
-
-
 def start_ray(address: str, num_cpus: int) -> bool:
     """Join ``address`` (or RAY_ADDRESS) when given, else start an embedded local cluster of ``num_cpus`` logical
     CPUs with its own temp dir. Returns True when it started one."""
@@ -59,8 +56,8 @@ def start_ray(address: str, num_cpus: int) -> bool:
         # A `ray job submit` entrypoint already runs in the job's runtime env (working_dir or image): join as is.
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}},
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), **OFFLINE_ENV}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
              _temp_dir=f"/tmp/oirl-ray-{os.getpid()}")
     return True
 
@@ -80,93 +77,94 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
 
     model_path = str(resolve_model(cfg.model))
     dataset = PromptDataset(cfg.data, AutoTokenizer.from_pretrained(model_path))
-    if resume and not (ckpt_dir / "latest").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_dir}; run without --resume first")
+    expected_tensors = checkpoint_tensors(model_path)  # the independent count every sync is checked against
+    committed = checkpoint.read_commit(ckpt_dir) if resume else None
+    if resume and committed is None:
+        raise FileNotFoundError(f"--resume: no committed checkpoint under {ckpt_dir}; run without --resume first")
+    faults.configure(out)  # a malformed OIRL_FAULT fails now; a fault fires once per output directory
 
     needed = sum(p.count * p.num_cpus for p in placement_plan(cfg))
     started = start_ray(cfg.ray_address, cfg.ray_num_cpus or max(int(np.ceil(needed)), os.cpu_count() or 1))
     run_id = uuid.uuid4().hex[:8]
     r = cfg.rollout
-    engine_cls = ray.remote(RolloutWorker)
-    engines = [engine_cls.options(**actor_options(cfg, "rollout"), name=f"oirl-engine-{run_id}-{i}")
-               .remote(r, model_path, cfg.model.dtype, cfg.seed, i) for i in range(r.num_engines)]
-    # A crashed reward actor is restarted by Ray and the lost score call retried on it (then a clear error).
-    reward = spawn_reward_actor(cfg.reward, model_path, f"oirl-reward-{run_id}",
-                                actor_options(cfg, "reward").get("resources"))
-    micro_batch = cfg.batch_size // (cfg.learner.num_ranks * cfg.learner.num_minibatches)
-    learner = LearnerGroup(cfg.learner, model_path, cfg.model.dtype, cfg.seed, r.temperature, run_id, micro_batch,
-                           resources=actor_options(cfg, "learner").get("resources"))
-    engine_nodes = wait([e.node_id.remote() for e in engines], r.timeout_s, "engine start-up")
-    transport = choose_transport(cfg.sync.transport, learner.call_rank0("node_id"), engine_nodes)
-    logger.info("%d engines, %d learner ranks (ZeRO-%d), weight transport %s", r.num_engines,
-                cfg.learner.num_ranks, cfg.learner.zero_stage, transport)
-
-    start = 0
-    if resume:
-        state = learner.call_rank0("load_checkpoint", str(ckpt_dir))
-        start = int(state["iteration"])
-        dataset.load_state(state["data"])
-        sync_weights(learner, engines, start, cfg.sync, transport, canary=None)  # engines serve version `start`
-        logger.info("resumed from %s at iteration %d", ckpt_dir, start)
-
-    metrics_log = MetricsLogger(out, start)
+    pool = learner = None
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.iterations, initial=start, desc="PPO", unit="it", dynamic_ncols=True)
-    last: dict[str, Any] = {}
     try:
+        pool = EnginePool(r, model_path, cfg.model.dtype, cfg.seed, run_id, actor_options(cfg, "rollout"))
+        # A crashed reward actor is restarted by Ray and the lost score call retried on it (then a clear error);
+        # it keeps no state of the run: the driver owns the normalisation moments and checkpoints them.
+        reward = spawn_reward_actor(cfg.reward, model_path, f"oirl-reward-{run_id}",
+                                    actor_options(cfg, "reward").get("resources"))
+        micro_batch = cfg.batch_size // (cfg.learner.num_ranks * cfg.learner.num_minibatches)
+        learner = LearnerGroup(cfg.learner, model_path, cfg.model.dtype, cfg.seed, r.temperature, run_id,
+                               micro_batch, resources=actor_options(cfg, "learner").get("resources"))
+        transport = choose_transport(cfg.sync.transport, learner.call_rank0("node_id"), pool.node_ids())
+        logger.info("run %s: %d engines, %d learner ranks (ZeRO-%d), weight transport %s", run_id, r.num_engines,
+                    cfg.learner.num_ranks, cfg.learner.zero_stage, transport)
+
+        def sync(engines: list[Any], version: int, canary: pa.Table | None = None,
+                 iteration: int | None = None) -> dict[str, float]:
+            return sync_weights(learner, engines, version, cfg.sync, transport, canary, expected_tensors, iteration)
+
+        start, reward_state, restored_row = 0, None, None
+        if committed is not None:
+            learner.call("load_checkpoint", str(ckpt_dir), committed["tag"])
+            start, reward_state = int(committed["iteration"]), committed["reward_state"]
+            dataset.load_state(committed["data"])
+            restored_row = committed["metrics_row"]
+            sync(pool.engines, start)  # engines serve version `start`
+            logger.info("resumed from %s (%s) at iteration %d", ckpt_dir, committed["tag"], start)
+
+        metrics_log = MetricsLogger(out, start, restored_row)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.iterations, initial=start, desc="PPO", unit="it", dynamic_ncols=True)
+        last: dict[str, Any] = {}
         for it in range(start, cfg.iterations):
             t_iter = time.perf_counter()
             timings: dict[str, float] = {}
 
             with timed(timings, "generate"):
                 prompts = dataset.next_batch()
-                shards = [prompts[i:: r.num_engines] for i in range(r.num_engines)]
-                refs = [e.generate.remote([p.prompt_id for p in s], [p.token_ids for p in s], it,
-                                          seeds_for(cfg.seed, it, [p.prompt_id for p in s]))
-                        for e, s in zip(engines, shards) if s]
-                batch = pa.concat_tables(wait(refs, r.timeout_s, f"generate (iteration {it})"))
+                seeds = seeds_for(cfg.seed, it, [p.prompt_id for p in prompts])
+                batch = pool.generate(prompts, it, seeds, resync=lambda e, i, v=it: sync([e], v))
                 validate_versions(batch, it)
                 refs_by_id = {p.prompt_id: p.reference for p in prompts}
                 batch = add_column(batch, "reference", [refs_by_id[i] for i in batch.column("prompt_id").to_pylist()])
 
             with timed(timings, "reward"):
-                rewards = wait(reward.score.remote(batch), cfg.reward.timeout_s, f"reward (iteration {it})")
+                ref = reward.score_batch.remote(batch, reward_state)
+                faults.point("reward", it)
+                if faults.actor_to_kill("reward", it):
+                    ray.kill(reward, no_restart=False)  # Ray restarts it and retries the call
+                rewards, reward_state = get_all([ref], cfg.reward.timeout_s, f"reward (iteration {it})",
+                                                ["the reward actor"])[0]
                 batch = add_column(batch, "reward", rewards)
 
             with timed(timings, "prepare"):  # old + reference logprobs, values, KL-shaped rewards, GAE
-                prep = learner.call_rank0("prepare", ray.put(batch), it)
+                prep = learner_phase(learner, "prepare", it, ray.put(batch), it, cfg.sync.on_policy_tolerance)
+                check_on_policy(prep, cfg.sync, it)
 
             with timed(timings, "update"):
-                upd = learner.call_rank0("update")
+                upd = learner_phase(learner, "update", it)
 
             with timed(timings, "sync"):  # publish version it+1 to every engine, verified
-                canary = batch.slice(0, cfg.sync.canary_samples)
-                sync = sync_weights(learner, engines, it + 1, cfg.sync, transport, canary)
+                sync_stats = sync(pool.engines, it + 1, batch.slice(0, cfg.sync.canary_samples), it)
 
-            with timed(timings, "checkpoint"):
-                last_it = it + 1 == cfg.iterations
-                if last_it or (cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0):
-                    state = {"iteration": it + 1, "data": dataset.state(), "run_id": run_id}
-                    learner.call("save_checkpoint", str(ckpt_dir), f"iter_{it + 1:06d}", state)
+            with timed(timings, "checkpoint"):  # every rank writes; committed below, after the row is complete
+                tag = f"iter_{it + 1:06d}"
+                save = it + 1 == cfg.iterations or (cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0)
+                if save:
+                    learner.call("save_checkpoint", str(ckpt_dir), tag)
+                    faults.point("checkpoint", it)
 
             timings["timing_s/iteration"] = time.perf_counter() - t_iter
-            versions = batch.column("policy_version").to_numpy()
-            resp_tokens = pc.sum(pc.list_value_length(batch.column("response_token_ids"))).as_py()
-            last = {
-                "iteration": it,
-                "rollout/policy_version_min": int(versions.min()),
-                "rollout/policy_version_max": int(versions.max()),
-                "rollout/samples": batch.num_rows,
-                "rollout/response_tokens_mean": resp_tokens / batch.num_rows,
-                "reward/mean": float(np.mean(rewards)),
-                "reward/std": float(np.std(rewards)),
-                "perf/gen_tokens_per_s": resp_tokens / timings["timing_s/generate"],
-                "perf/samples_per_s": batch.num_rows / timings["timing_s/iteration"],
-                **prep, **upd, **sync, **timings,
-            }
+            last = iteration_metrics(it, batch, rewards, timings, prep, upd, sync_stats, engine_restarts=pool.restarts)
+            if save:
+                checkpoint.commit(ckpt_dir, tag, {"iteration": it + 1, "data": dataset.state(), "run_id": run_id,
+                                                  "reward_state": reward_state, "metrics_row": last})
+                checkpoint.prune(ckpt_dir, cfg.checkpoint_keep, tag)
             metrics_log.log(last)
             if bar is not None:
                 bar.set_postfix(reward=f"{last['reward/mean']:.3f}", kl=f"{last['kl/mean']:.4f}",
@@ -180,10 +178,43 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     finally:
         if bar is not None:
             bar.close()
-        for e in engines:
-            try:
-                ray.get(e.shutdown.remote(), timeout=30)
-            except Exception:  # the engine may be the reason we are here; do not hide the original error
-                logger.warning("engine shutdown failed", exc_info=True)
+        if pool is not None:
+            pool.shutdown()
+        if learner is not None:
+            try:  # a failed sync must not leave a model copy in /dev/shm
+                learner.close_shm()
+            except Exception:
+                logger.warning("could not release the learner's /dev/shm files", exc_info=True)
         if started:
             ray.shutdown()
+
+
+def learner_phase(learner: LearnerGroup, phase: str, it: int, *args: Any) -> dict[str, Any]:
+    """Run ``phase`` on every rank; OIRL_FAULT may kill the driver or the last rank while it runs."""
+    refs = learner.submit(phase, *args)
+    faults.point(phase, it)
+    if phase == "update" and faults.actor_to_kill("learner", it):
+        ray.kill(learner.workers[-1], no_restart=True)
+    return learner.wait(refs, phase)[0]
+
+
+def iteration_metrics(it: int, batch: pa.Table, rewards: np.ndarray, timings: dict[str, float],
+                      *stats: dict[str, Any], engine_restarts: int = 0) -> dict[str, Any]:
+    versions = batch.column("policy_version").to_numpy()
+    resp_tokens = pc.sum(pc.list_value_length(batch.column("response_token_ids"))).as_py()
+    row: dict[str, Any] = {
+        "iteration": it,
+        "rollout/policy_version_min": int(versions.min()),
+        "rollout/policy_version_max": int(versions.max()),
+        "rollout/samples": batch.num_rows,
+        "rollout/response_tokens_mean": resp_tokens / batch.num_rows,
+        "rollout/engine_restarts": engine_restarts,
+        "reward/mean": float(np.mean(rewards)),
+        "reward/std": float(np.std(rewards)),
+        "perf/gen_tokens_per_s": resp_tokens / timings["timing_s/generate"],
+        "perf/samples_per_s": batch.num_rows / timings["timing_s/iteration"],
+    }
+    for s in stats:
+        row.update(s)
+    row.update(timings)
+    return row

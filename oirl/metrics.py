@@ -12,13 +12,27 @@ logger = logging.getLogger(__name__)
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: Path, start_iteration: int = 0):
+    def __init__(self, out_dir: Path, start_iteration: int = 0, restored_row: dict[str, Any] | None = None):
+        """A resumed run (start_iteration > 0) rewrites the iterations after its checkpoint: rows before it are
+        kept, and ``restored_row`` (the committed checkpoint's copy of row start_iteration - 1) fills in that row
+        when the driver died between committing the checkpoint and logging it."""
         self.path = out_dir / "metrics.jsonl"
+        kept: list[dict[str, Any]] = []
         if self.path.exists():
-            # A resumed run rewrites the iterations after its checkpoint: keep only the ones before it.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] < start_iteration]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill: it is rewritten below if it matters
+                    continue
+                if row["iteration"] < start_iteration:
+                    kept.append(row)
+        if restored_row is not None and all(r["iteration"] != restored_row["iteration"] for r in kept):
+            kept.append(restored_row)
+        if self.path.exists() or kept:
+            kept.sort(key=lambda r: r["iteration"])
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+            tmp.replace(self.path)
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -7,6 +7,11 @@ and the KubeRay worker group it belongs to. The driver spawns actors with ``acto
 With ``cluster.pin_node_groups`` each actor also asks for 1 unit of the custom resource ``oirl_<group>`` that its
 worker group advertises (``rayStartParams.resources``), so engines land on the rollout nodes, ranks on the learner
 nodes, and the reward actor on the reward nodes.
+
+``check_manifest`` also checks authentication as KubeRay v1.7 does it: ``authOptions: {mode: token, secretName}``
+on the cluster spec makes the operator put RAY_AUTH_MODE/RAY_AUTH_TOKEN into every Ray container and into a
+RayJob's submitter. A manifest without it, with the token set by hand beside it, or whose RayJob submitter could
+not get the token (hand-set token mode on the head, nothing for the submitter) is a problem.
 """
 
 from __future__ import annotations
@@ -100,6 +105,69 @@ def cluster_spec(manifest: dict) -> dict:
     raise ValueError(f"expected kind RayCluster or RayJob, got {kind!r}")
 
 
+_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e.get("name"): e for e in container.get("env", []) if isinstance(e, dict)}
+
+
+def _has_token(container: dict) -> bool:
+    env = _env(container)
+    return "RAY_AUTH_TOKEN" in env or "RAY_AUTH_TOKEN_PATH" in env
+
+
+def _token_mode(container: dict) -> bool:
+    """Whether `ray start` in this container runs with token auth (Ray 2.60: RAY_AUTH_MODE, else on iff a token
+    is given)."""
+    mode = _env(container).get("RAY_AUTH_MODE", {}).get("value")
+    return mode == "token" if mode is not None else _has_token(container)
+
+
+def auth_problems(manifest: dict) -> list[str]:
+    """Token authentication of a RayCluster/RayJob, including whether a RayJob's submitter can authenticate."""
+    from oirl.manifests import pod_templates
+
+    name = manifest.get("metadata", {}).get("name", "?")
+    is_job = manifest.get("kind") == "RayJob"
+    where = "spec.rayClusterSpec" if is_job else "spec"
+    fix = f"set {where}.authOptions: {{mode: token, secretName: <Secret with key auth_token>}}"
+    options = cluster_spec(manifest).get("authOptions") or {}
+    templates = pod_templates(manifest)
+    if options.get("mode") == "token":
+        problems = []
+        if is_job and options.get("enableK8sTokenAuth"):
+            problems.append(f"{name}: KubeRay rejects authOptions.enableK8sTokenAuth on a RayJob; remove it (the "
+                            "token from the Secret reaches the submitter)")
+        for group, tmpl in templates:
+            pod = tmpl.get("spec", {})
+            for c in pod.get("initContainers", []) + pod.get("containers", []):
+                hand = [k for k in _AUTH_ENV if k in _env(c)]
+                if hand:
+                    problems.append(f"{name}/{group}/{c.get('name')}: {', '.join(hand)} set by hand; authOptions "
+                                    "makes the operator inject them into every Ray container and the job submitter "
+                                    "(it never overrides a hand-set value): remove them so the two cannot disagree")
+        return problems
+    head = _ray_container(templates[0][1])
+    if not _token_mode(head):
+        return [f"{name}: token auth is off: anyone who reaches the head's job API can run code on the cluster; "
+                f"{fix}"]
+    problems = [f"{name}/{group}: the head requires a token but this group's Ray container has no RAY_AUTH_TOKEN, "
+                f"so its nodes cannot join; {fix} instead of setting the token by hand"
+                for group, tmpl in templates[1:] if group != "submitterPodTemplate"
+                and not _has_token(_ray_container(tmpl))]
+    mode = manifest.get("spec", {}).get("submissionMode", "K8sJobMode")
+    if is_job and mode != "InteractiveMode":
+        submitter = manifest["spec"].get("submitterPodTemplate", {}).get("spec", {}).get("containers", [])
+        if not (mode == "K8sJobMode" and submitter and _has_token(submitter[0])):
+            problems.append(
+                f"{name}: the RayJob's submitter cannot authenticate: the head runs with RAY_AUTH_MODE=token set by "
+                f"hand, but the {mode} submitter gets no RAY_AUTH_TOKEN (the operator gives it one only through "
+                f"authOptions), so `ray job submit` is refused and the job never starts; {fix} and remove the "
+                "hand-set RAY_AUTH_* env")
+    return problems
+
+
 def check_manifest(cfg: Any, manifest: dict, ray_version: str) -> list[str]:
     """Rules the CRD schema cannot express. Returns a list of problems (empty = the manifest fits the plan)."""
     problems: list[str] = []
@@ -162,4 +230,4 @@ def check_manifest(cfg: Any, manifest: dict, ray_version: str) -> list[str]:
                 f"{p.num_gpus:g} GPU) but {g.get('replicas', 0)} replica(s) of ({node_cpu:g} CPU, {node_gpu:g} GPU) "
                 f"hold {capacity if capacity != math.inf else 'any number'}; raise replicas or node size"
             )
-    return problems
+    return problems + auth_problems(manifest)

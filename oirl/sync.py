@@ -3,8 +3,12 @@
 1. export: learner rank 0 packs the policy into buckets (ZeRO-3 gathers first) and computes the fingerprint.
 2. load: every engine fetches the buckets, recomputes the fingerprint, reloads in place through vLLM's reload
    path, resets its prefix cache (all engines at once; one wait with a timeout).
-3. verify: each engine's worker reports the version and fingerprint it now serves; a canary compares engine
-   logprobs with learner logprobs on the same tokens and fails loudly beyond ``sync.canary_tolerance``.
+3. verify: each engine's worker reports the version it serves and the fingerprint it computed itself from the
+   bytes it loaded; the published tensors are checked against the model checkpoint on disk (names and shapes: a
+   dropped or renamed tensor fails); a canary compares engine logprobs with learner logprobs on the same tokens
+   and fails loudly beyond ``sync.canary_tolerance``.
+
+Every wait has ``sync.timeout_s`` and names the engine that failed or is late.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
+
+from oirl import faults
+from oirl.remote import RemoteError, get_all
 
 logger = logging.getLogger(__name__)
 
@@ -35,31 +41,90 @@ def choose_transport(requested: str, learner_node: str, engine_nodes: list[str])
 
 def _wait(refs: list[Any], timeout: float, what: str) -> list[Any]:
     try:
-        return ray.get(refs, timeout=timeout)
-    except ray.exceptions.GetTimeoutError as e:
-        raise SyncError(f"{what} did not finish within {timeout}s (sync.timeout_s)") from e
+        return get_all(refs, timeout, what, [f"engine {i}" for i in range(len(refs))])
+    except (RemoteError, TimeoutError) as e:
+        raise SyncError(f"{e} (sync.timeout_s={timeout})") from e
+
+
+def checkpoint_tensors(model_path: str) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of every tensor in the model folder's safetensors files (headers only, no data read): the
+    independent count the published weights are checked against. None when the folder has no safetensors."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), "np") as h:
+            for name in h.keys():
+                shapes[name] = tuple(h.get_slice(name).get_shape())
+    return shapes
+
+
+def check_against_checkpoint(update: Any, expected: dict[str, tuple[int, ...]] | None) -> float | None:
+    """Every tensor of the model checkpoint is published exactly once with its shape, and nothing else is.
+
+    A tied lm_head may be absent from the update (it travels as the embedding). Returns the expected byte count
+    (checkpoint numel x the published dtype's size); raises SyncError naming the first missing, extra or
+    mis-shaped tensor."""
+    if expected is None:
+        return None
+    import torch
+
+    from oirl.weights import _DTYPES
+
+    metas = {m.name: m for b in update.buckets for m in b.tensors}
+    missing = sorted(set(expected) - set(metas) - ({"lm_head.weight"} if "model.embed_tokens.weight" in metas
+                                                   else set()))
+    extra = sorted(set(metas) - set(expected))
+    wrong = sorted(n for n in set(metas) & set(expected) if tuple(metas[n].shape) != tuple(expected[n]))
+    if missing or extra or wrong:
+        raise SyncError(f"version {update.version} does not match the model checkpoint's tensors: missing "
+                        f"{missing[:5]}, unexpected {extra[:5]}, wrong shape {wrong[:5]}; the learner publishes "
+                        "names the engines cannot load")
+    total = sum(int(np.prod(m.shape)) * torch.empty(0, dtype=_DTYPES[m.dtype]).element_size()
+                for m in metas.values())
+    if total != update.nbytes:
+        raise SyncError(f"version {update.version}: buckets hold {update.nbytes} bytes but their tensors need {total}")
+    return float(total)
 
 
 def sync_weights(learner: Any, engines: list[Any], version: int, cfg: Any, transport: str,
-                 canary: pa.Table | None) -> dict[str, float]:
+                 canary: pa.Table | None, expected: dict[str, tuple[int, ...]] | None = None,
+                 iteration: int | None = None) -> dict[str, float]:
+    """Publish ``version`` to ``engines`` and verify it; ``iteration``: the loop iteration (fault injection)."""
     t0 = time.perf_counter()
     update = learner.call_rank0("export_weights", version, transport, cfg.bucket_mb)
     t_export = time.perf_counter()
-    loads = _wait([e.load_weights.remote(update, cfg.timeout_s) for e in engines], cfg.timeout_s, f"loading version {version}")
-    t_load = time.perf_counter()
-    served = _wait([e.served.remote() for e in engines], cfg.timeout_s, "served-version check")
+    try:
+        expected_bytes = check_against_checkpoint(update, expected)
+        if iteration is not None:
+            faults.point("sync", iteration)
+        loads = _wait([e.load_weights.remote(update, cfg.timeout_s) for e in engines], cfg.timeout_s,
+                      f"loading version {version}")
+        t_load = time.perf_counter()
+        served = _wait([e.served.remote() for e in engines], cfg.timeout_s, "served-version check")
+    finally:
+        if transport == "shm":  # loaded or failed, the files of this version are not needed any more
+            try:
+                learner.call("release_weights", version)
+            except Exception:  # a dead learner is the error to report, not this
+                logger.warning("could not release the /dev/shm files of version %d", version, exc_info=True)
     for report in served:
         for w in report["workers"]:
             if w["version"] != version or w["fingerprint"] != update.fingerprint:
                 raise SyncError(f"engine {report['engine']} serves version {w['version']} fingerprint "
                                 f"{w['fingerprint']}, expected version {version} fingerprint {update.fingerprint}")
-    if transport == "shm":
-        learner.call("release_weights", version)
     seconds = t_load - t0
     stats = {"sync/bytes": float(update.nbytes), "sync/seconds": seconds,
              "sync/gbps": update.nbytes / max(seconds, 1e-9) / 1e9, "sync/export_s": t_export - t0,
              "sync/pack_s": update.pack_seconds, "sync/engine_reload_s": max(x["reload_s"] for x in loads),
              "sync/engine_verify_s": max(x["verify_s"] for x in loads), "sync/num_buckets": len(update.buckets)}
+    if expected_bytes is not None:
+        stats["sync/expected_bytes"] = expected_bytes
     if canary is not None and canary.num_rows:
         stats["sync/logprob_max_abs_diff"] = canary_check(learner, engines, canary, cfg)
     return stats
@@ -85,3 +150,27 @@ def canary_check(learner: Any, engines: list[Any], rows: pa.Table, cfg: Any) -> 
                             f"sync.canary_tolerance={cfg.canary_tolerance}; the engine does not serve the "
                             "published weights")
     return worst
+
+
+class OnPolicyError(SyncError):
+    """The learner's logprobs of the sampled tokens differ from the engine's beyond sync.on_policy_tolerance."""
+
+
+def check_on_policy(stats: dict[str, float], cfg: Any, iteration: int) -> None:
+    """Enforce the primary on-policy check on the learner's all-rank statistics (LearnerWorker.prepare).
+
+    Fails (or warns, sync.on_policy_action=warn) when more than sync.on_policy_max_frac of the response tokens
+    differ by more than sync.on_policy_tolerance: the engines then sample from another policy than the one trained."""
+    key = "rollout/engine_learner_logprob"
+    frac, worst, mean = stats[f"{key}_frac_over_tol"], stats[f"{key}_max_abs_diff"], stats[f"{key}_mean_abs_diff"]
+    if frac <= cfg.on_policy_max_frac and np.isfinite(worst):
+        return
+    msg = (f"iteration {iteration}: on-policy check failed: {frac:.2%} of the response tokens have |engine logprob "
+           f"- learner logprob| > sync.on_policy_tolerance={cfg.on_policy_tolerance} (allowed: "
+           f"sync.on_policy_max_frac={cfg.on_policy_max_frac}); max {worst:.3g}, mean {mean:.3g}. The engines do not "
+           "sample from the policy the learner trains (weights, dtype, temperature or sampling settings differ); "
+           "for bf16 raise the tolerance or max_frac, or set sync.on_policy_action=warn to continue anyway")
+    if cfg.on_policy_action == "warn":
+        logger.warning("%s", msg)
+        return
+    raise OnPolicyError(msg)

@@ -127,3 +127,68 @@ def fingerprint(buckets: list[Bucket], buffers: list[np.ndarray], chunk_bytes: i
     for d in digests:
         h.update(d)
     return h.hexdigest()
+
+
+# ---- /dev/shm hygiene ---------------------------------------------------------------------------------------------
+# A run's bucket files are /dev/shm/oirl-<run_id>-v<version>-b<i>.bin. While the run lives, its learner rank 0 holds
+# an flock on /dev/shm/oirl-<run_id>.lock; the kernel drops the lock when that process dies in any way (kill -9
+# included), so a later start can tell a dead run's leftovers (a full model copy per version, which on KubeRay fills
+# the in-memory volume) from a live run's files and remove only the former.
+
+
+def shm_bucket_path(shm_dir: str, run_id: str, version: int, index: int) -> str:
+    return os.path.join(shm_dir, f"oirl-{run_id}-v{version}-b{index}.bin")
+
+
+def claim_shm(shm_dir: str, run_id: str) -> int:
+    """Hold this run's lock for the life of the calling process; returns the file descriptor (keep it open).
+
+    The lock file is created and locked under a temporary name, then renamed into place, so a cleaner never sees
+    an unlocked lock file of a live run."""
+    import fcntl
+
+    tmp = os.path.join(shm_dir, f"oirl-{run_id}.lock.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(tmp, os.path.join(shm_dir, f"oirl-{run_id}.lock"))
+    return fd
+
+
+def clean_stale_shm(shm_dir: str, own_run_id: str = "") -> list[str]:
+    """Remove the bucket files (and lock) of every run whose lock nobody holds; returns the removed paths."""
+    import fcntl
+    import glob
+
+    removed: list[str] = []
+    live: set[str] = {own_run_id}
+    dead: set[str] = set()
+    for lock in glob.glob(os.path.join(shm_dir, "oirl-*.lock")):
+        run = os.path.basename(lock)[len("oirl-"): -len(".lock")]
+        if run in live:
+            continue
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            live.add(run)
+        else:
+            dead.add(run)
+            _unlink(lock, removed)
+        finally:
+            os.close(fd)
+    for path in glob.glob(os.path.join(shm_dir, "oirl-*-v*-b*.bin")):
+        run = os.path.basename(path)[len("oirl-"):].rsplit("-v", 1)[0]
+        if run not in live:  # dead, or no lock at all (a run never writes buckets before it holds its lock)
+            _unlink(path, removed)
+    return removed
+
+
+def _unlink(path: str, removed: list[str]) -> None:
+    try:
+        os.unlink(path)
+        removed.append(path)
+    except FileNotFoundError:  # another rank on this node cleaned it first
+        pass

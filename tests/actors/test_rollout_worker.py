@@ -4,6 +4,7 @@ over both transports, fingerprint and canary verification."""
 import dataclasses
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 import torch
@@ -12,8 +13,9 @@ from actors.rollout_worker import RolloutConfig, RolloutWorker, SyncConfig
 from learner.group import LearnerGroup
 from learner.learner_worker import LearnerConfig
 from oirl.batch import ROLLOUT_SCHEMA, add_column
-from oirl.sync import SyncError, canary_check, sync_weights
+from oirl.sync import OnPolicyError, SyncError, canary_check, check_on_policy, sync_weights
 from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets
+from tests.actors.corrupting_worker import CorruptingRolloutWorker
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +25,8 @@ PROMPTS = [[1, 40, 41, 42], [1, 50, 51], [1, 60]]
 @pytest.fixture(scope="module")
 def setup(ray_cluster, tiny_model_path):
     rcfg = RolloutConfig(samples_per_prompt=3, max_new_tokens=10, num_cpus=0.5)
-    engine = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(rcfg, tiny_model_path, "float32", 0, 0)
+    # A plain RolloutWorker unless a test asks it to corrupt its next load (see corrupting_worker.py).
+    engine = ray.remote(CorruptingRolloutWorker).options(num_cpus=0.5).remote(rcfg, tiny_model_path, "float32", 0, 0)
     lcfg = LearnerConfig(num_ranks=1, zero_stage=2, lr=3e-3, num_cpus=0.5, timeout_s=600)
     learner = LearnerGroup(lcfg, tiny_model_path, "float32", 0, 1.0, "rollout-test", micro_batch=9)
     yield engine, learner
@@ -75,6 +78,19 @@ def test_sync_then_engine_matches_learner(setup, transport, version):
     assert set(nxt.column("policy_version").to_pylist()) == {version}
     prep = learner.call_rank0("prepare", add_column(nxt, "reward", np.zeros(nxt.num_rows, np.float32)), version)
     assert prep["rollout/engine_learner_logprob_max_abs_diff"] < 1e-3
+    assert prep["rollout/engine_learner_logprob_frac_over_tol"] == 0.0
+    check_on_policy(prep, SyncConfig(), version)  # passes
+    # One engine logprob off by 0.01 on one token of one sample: the check counts that token and stops the run.
+    lps = nxt.column("response_logprobs").to_pylist()
+    lps[-1][0] += 0.01
+    tampered = nxt.set_column(nxt.schema.get_field_index("response_logprobs"), "response_logprobs",
+                              pa.array(lps, type=nxt.schema.field("response_logprobs").type))
+    prep = learner.call_rank0("prepare", add_column(tampered, "reward", np.zeros(nxt.num_rows, np.float32)), version)
+    n_tokens = sum(len(x) for x in lps)
+    assert prep["rollout/engine_learner_logprob_frac_over_tol"] == pytest.approx(1 / n_tokens)
+    assert prep["rollout/engine_learner_logprob_max_abs_diff"] == pytest.approx(0.01, abs=1e-3)
+    with pytest.raises(OnPolicyError, match=f"iteration {version}: on-policy check failed"):
+        check_on_policy(prep, SyncConfig(), version)
     if transport == "shm":
         import glob
 
@@ -101,7 +117,7 @@ def test_corrupted_or_wrong_weights_fail_loudly(setup, tiny_model_path):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     bad = dataclasses.replace(_update_from(model, served + 1), fingerprint="0" * 32)
-    with pytest.raises(ray.exceptions.RayTaskError, match="arrived corrupted"):
+    with pytest.raises(ray.exceptions.RayTaskError, match="engine 0: the weights its worker loaded .* corrupted"):
         ray.get(engine.load_weights.remote(bad), timeout=120)
     # Weights that load fine but are not the learner's: the canary catches them.
     wrong = _update_from(model, served + 1)
@@ -109,6 +125,19 @@ def test_corrupted_or_wrong_weights_fail_loudly(setup, tiny_model_path):
     batch = generate(engine, served + 1)
     with pytest.raises(SyncError, match="canary: engine 0 logprobs differ"):
         canary_check(learner, [engine], batch.slice(0, 2), SyncConfig())
+
+
+@pytest.mark.parametrize("transport", ["shm", "object_store"])
+def test_bucket_corrupted_after_the_actor_before_the_worker_fails_the_sync(setup, transport):
+    """The worker hashes the bytes it loads itself: the served check can no longer echo the learner's fingerprint."""
+    engine, learner = setup
+    version = ray.get(engine.served.remote(), timeout=60)["workers"][0]["version"] + 1
+    ray.get(engine.corrupt_next_load.remote(), timeout=60)
+    with pytest.raises(SyncError, match="engine 0.*corrupted on the way"):
+        sync_weights(learner, [engine], version, SyncConfig(bucket_mb=1), transport, canary=None)
+    # Nothing sticks: the next sync of the same weights verifies.
+    stats = sync_weights(learner, [engine], version + 1, SyncConfig(bucket_mb=1), transport, canary=None)
+    assert stats["sync/num_buckets"] >= 1
 
 
 def test_multiprocess_engine_receives_weights_over_vllm_rpc(setup, tiny_model_path):

@@ -2,7 +2,8 @@
 
 - 2 ZeRO-2 ranks end in the same state as 1 rank on the same batch;
 - after an update every trainable parameter changed;
-- ZeRO-3 exports exactly the bytes ZeRO-2 exports for the same weights, and trains to the same state.
+- ZeRO-3 exports exactly the bytes ZeRO-2 exports for the same weights, and trains to the same state;
+- the engine/learner logprob statistics (the on-policy check) cover every rank's rows: 2 ranks report what 1 does.
 """
 
 import numpy as np
@@ -21,8 +22,9 @@ def make_batch(vocab: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, vocab, rng.integers(3, 9)).tolist() for _ in range(N)]
     responses = [rng.integers(3, vocab, rng.integers(1, 12)).tolist() for _ in range(N)]
-    table = make_rollout_batch(list(range(N)), [0] * N, prompts, responses, [[0.0] * len(r) for r in responses],
-                               ["length"] * N, 0)
+    # "Engine" logprobs: 0 everywhere, except row 1 (rank 1's first row with 2 ranks) that is off by ~50.
+    engine_lp = [[50.0 if i == 1 else 0.0] * len(r) for i, r in enumerate(responses)]
+    table = make_rollout_batch(list(range(N)), [0] * N, prompts, responses, engine_lp, ["length"] * N, 0)
     return add_column(table, "reward", rng.normal(size=N).astype(np.float32))
 
 
@@ -90,3 +92,14 @@ def test_zero3_trains_like_zero2(runs):
     _, a2, _, _, _ = runs["2r_z2"]
     _, a3, _, _, _ = runs["2r_z3"]
     assert max_diff(a2, a3) < 1e-4
+
+
+def test_on_policy_statistics_cover_every_rank(runs):
+    key = "rollout/engine_learner_logprob"
+    one, two = runs["1r_z2"][3], runs["2r_z2"][3]
+    # Row 1 lives on rank 1: a max taken on rank 0 alone would miss it.
+    assert two[f"{key}_max_abs_diff"] > 50
+    for stat in ("max_abs_diff", "mean_abs_diff", "frac_over_tol"):
+        assert two[f"{key}_{stat}"] == pytest.approx(one[f"{key}_{stat}"], rel=1e-5), stat
+    # Every token's engine logprob (0 or 50) is far from the learner's (< 0): all of them are over tolerance.
+    assert one[f"{key}_frac_over_tol"] == 1.0

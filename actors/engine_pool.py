@@ -1,0 +1,98 @@
+"""EnginePool: the driver's handle on the N RolloutWorker actors.
+
+Public methods:
+    generate(prompts, iteration, seeds) -> pa.Table   # every shard submitted at once, one wait, RolloutBatch rows
+    node_ids() -> list[str]
+    shutdown()
+
+An engine that dies mid-generate (killed, OOM, node lost) is replaced: a fresh actor is started, the learner's
+current weights are synced to it and verified (version and worker-computed fingerprint, ``resync``), and its shard
+is generated again with the same per-prompt seeds, so the batch is exactly the one the dead engine would have
+returned. At most ``rollout.max_restarts`` replacements per run; past that the error names the engine and tells the
+user to ``--resume``. Every wait has ``rollout.timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from actors.rollout_worker import RolloutConfig, RolloutWorker
+from oirl import faults
+from oirl.remote import RemoteError, get_all
+
+logger = logging.getLogger(__name__)
+
+
+class EnginePool:
+    def __init__(self, cfg: RolloutConfig, model_path: str, dtype: str, seed: int, run_id: str,
+                 options: dict[str, Any]):
+        self.cfg, self.model_path, self.dtype, self.seed, self.run_id = cfg, model_path, dtype, seed, run_id
+        self.options = options
+        self.restarts = 0
+        self.engines = [self._spawn(i) for i in range(cfg.num_engines)]
+
+    def _spawn(self, i: int) -> Any:
+        name = f"oirl-engine-{self.run_id}-{i}" + (f"-r{self.restarts}" if self.restarts else "")
+        return (ray.remote(RolloutWorker).options(**self.options, name=name)
+                .remote(self.cfg, self.model_path, self.dtype, self.seed, i))
+
+    def node_ids(self) -> list[str]:
+        return get_all([e.node_id.remote() for e in self.engines], self.cfg.timeout_s, "engine start-up",
+                       [f"engine {i}" for i in range(len(self.engines))])
+
+    def generate(self, prompts: list[Any], iteration: int, seeds: list[int],
+                 resync: Callable[[Any, int], None]) -> pa.Table:
+        """prompts: oirl.data.Prompt rows; seeds: one per prompt. resync(engine, i) loads the current version
+        into a replacement engine (the driver's sync_weights)."""
+        n = len(self.engines)
+        shards = [(prompts[i::n], seeds[i::n]) for i in range(n)]
+
+        def submit(i: int) -> Any:
+            ps, ss = shards[i]
+            return self.engines[i].generate.remote([p.prompt_id for p in ps], [p.token_ids for p in ps],
+                                                   iteration, ss)
+
+        pending = {submit(i): i for i in range(n) if shards[i][0]}
+        faults.point("generate", iteration)
+        if faults.actor_to_kill("engine", iteration):
+            logger.warning("OIRL_FAULT: killing engine 0 during generate of iteration %d", iteration)
+            ray.kill(self.engines[0], no_restart=True)
+        results: dict[int, pa.Table] = {}
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = ", ".join(f"engine {i}" for i in sorted(pending.values()))
+                raise TimeoutError(f"generate (iteration {iteration}) did not finish within {self.cfg.timeout_s}s "
+                                   f"(rollout.timeout_s); still running: {late}")
+            i = pending.pop(ready[0])
+            try:
+                results[i] = ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                if self.restarts >= self.cfg.max_restarts:
+                    raise RemoteError(f"engine {i} died during generate of iteration {iteration} and "
+                                      f"rollout.max_restarts={self.cfg.max_restarts} replacements are used up; "
+                                      "rerun with --resume to continue from the last checkpoint") from e
+                self.restarts += 1
+                logger.warning("engine %d died during generate of iteration %d (%s); replacing it (%d/%d)", i,
+                               iteration, type(e).__name__, self.restarts, self.cfg.max_restarts)
+                self.engines[i] = self._spawn(i)
+                resync(self.engines[i], i)
+                pending[submit(i)] = i
+                deadline = max(deadline, time.monotonic() + self.cfg.timeout_s)
+            except ray.exceptions.RayTaskError as e:
+                raise RemoteError(f"generate (iteration {iteration}): engine {i} failed: {e}") from e
+        return pa.concat_tables([results[i] for i in sorted(results)])
+
+    def shutdown(self) -> None:
+        for i, e in enumerate(self.engines):
+            try:
+                ray.get(e.shutdown.remote(), timeout=30)
+            except Exception:  # the engine may be the reason we are here; do not hide the original error
+                logger.warning("engine %d shutdown failed", i, exc_info=True)
