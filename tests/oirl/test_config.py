@@ -40,6 +40,15 @@ def test_dotted_overrides_in_both_spellings():
     ("sync.transport=carrier-pigeon", "sync.transport='carrier-pigeon'"),
     ("reward.timeout_s=0", "every remote wait needs a timeout"),
     ("data.source=gsm8k", "data.path"),
+    ("model.dtype=float16", "trains without loss scaling"),
+    ("rollout.top_p=0.9", "set rollout.top_p=1.0"),
+    ("rollout.top_k=40", "set rollout.top_k=-1"),
+    ("learner.forward_batch_size=0", "learner.forward_batch_size=0 must be >= 1"),
+    ("learner.value_clip=0", "learner.value_clip=0.0 must be > 0"),
+    ("learner.kl_coef=.nan", "learner.kl_coef=nan must be a finite number"),
+    ("learner.vf_coef=-1", "learner.vf_coef=-1.0 must be >= 0"),
+    ("sync.on_policy_action=ignore", "sync.on_policy_action='ignore' must be 'error' or 'warn'"),
+    ("sync.on_policy_max_frac=1", "sync.on_policy_max_frac=1.0 must be in [0, 1)"),
 ])
 def test_bad_values_name_the_field(override, fragment):
     overrides = [override]

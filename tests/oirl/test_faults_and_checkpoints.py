@@ -1,0 +1,106 @@
+"""The pieces that make a kill -9 harmless, without Ray: the OIRL_FAULT switch, the driver's atomic checkpoint
+commit, the metrics log that a resume repairs, and the /dev/shm cleanup that tells dead runs from live ones."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from oirl import checkpoint, faults
+from oirl.metrics import MetricsLogger
+from oirl.weights import clean_stale_shm
+
+
+def test_fault_spec_is_parsed_strictly():
+    assert faults.parse("kill:sync:1, kill-actor:engine:2") == [faults.Fault("kill", "sync", 1),
+                                                                faults.Fault("kill-actor", "engine", 2)]
+    for bad in ("kill:teleport:1", "kill:sync", "kill-actor:sync:1", "explode:sync:1", "kill:sync:x"):
+        with pytest.raises(ValueError, match="OIRL_FAULT"):
+            faults.parse(bad)
+
+
+def test_a_fault_fires_once_per_output_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("OIRL_FAULT", "kill-actor:reward:3")
+    faults.configure(tmp_path)
+    assert not faults.actor_to_kill("reward", 2) and not faults.actor_to_kill("engine", 3)
+    assert faults.actor_to_kill("reward", 3)
+    assert not faults.actor_to_kill("reward", 3), "a resumed run must run through the fault that killed it"
+    assert json.loads((tmp_path / "faults_fired.json").read_text()) == ["kill-actor:reward:3"]
+
+
+def test_fault_point_kills_the_process_with_sigkill(tmp_path):
+    code = ("import sys; from oirl import faults; faults.configure(sys.argv[1]); faults.point('update', 1); "
+            "faults.point('update', 2); print('survived')")
+    env = dict(os.environ, OIRL_FAULT="kill:update:2")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == -signal.SIGKILL and "survived" not in proc.stdout
+
+
+def test_commit_is_what_resume_reads_and_prune_keeps_the_newest(tmp_path):
+    assert checkpoint.read_commit(tmp_path) is None
+    for k in (1, 2, 3, 4):
+        (tmp_path / f"iter_{k:06d}").mkdir()
+    (tmp_path / "latest").write_text("iter_000004")  # DeepSpeed's pointer: never trusted
+    checkpoint.commit(tmp_path, "iter_000003", {"iteration": 3, "data": {"cursor": 24}})
+    assert checkpoint.read_commit(tmp_path) == {"tag": "iter_000003", "iteration": 3, "data": {"cursor": 24}}
+    assert checkpoint.prune(tmp_path, 2, "iter_000003") == ["iter_000001"]
+    # iter_000004 is newer than the commit (an unfinished save): kept, and never read.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["iter_000002", "iter_000003", "iter_000004"]
+    (tmp_path / "iter_000003").rmdir()
+    with pytest.raises(FileNotFoundError, match="iter_000003"):
+        checkpoint.read_commit(tmp_path)
+
+
+def test_metrics_log_restores_the_row_a_kill_lost_and_drops_rows_to_redo(tmp_path):
+    rows = [{"iteration": i, "reward/mean": i / 10} for i in range(5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + '{"iteration": 2, "rew')
+    # Committed after iteration 2 (resume at 3), killed before row 2 was complete; rows 3, 4 never happened.
+    log = MetricsLogger(tmp_path, start_iteration=3, restored_row=rows[2])
+    log.log(rows[3])
+    log.close()
+    got = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert got == rows[:4]
+    # A resume from an earlier checkpoint rewrites the rows after it.
+    MetricsLogger(tmp_path, start_iteration=1, restored_row=rows[0]).close()
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows[:1]
+
+
+HOLDER = """
+import sys, time
+from oirl.weights import claim_shm, shm_bucket_path
+fd = claim_shm(sys.argv[1], sys.argv[2])
+open(shm_bucket_path(sys.argv[1], sys.argv[2], 1, 0), "wb").write(b"x" * 64)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_stale_shm_files_of_dead_runs_go_live_ones_stay(tmp_path):
+    procs = {}
+    for run in ("aaaalive", "bbbbdead"):
+        procs[run] = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), run], stdout=subprocess.PIPE,
+                                      text=True)
+        assert procs[run].stdout.readline().strip() == "ready"
+    (tmp_path / "oirl-ccorphan-v3-b0.bin").write_bytes(b"y")  # no lock at all: an older, dead run
+    try:
+        procs["bbbbdead"].send_signal(signal.SIGKILL)  # no cleanup of its own
+        procs["bbbbdead"].wait(timeout=30)
+        before = sorted(p.name for p in tmp_path.iterdir())
+        assert "oirl-bbbbdead-v1-b0.bin" in before and "oirl-bbbbdead.lock" in before
+        removed = clean_stale_shm(str(tmp_path), own_run_id="dddd0own")
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == ["oirl-aaaalive-v1-b0.bin", "oirl-aaaalive.lock"], left
+        assert sorted(os.path.basename(p) for p in removed) == ["oirl-bbbbdead-v1-b0.bin", "oirl-bbbbdead.lock",
+                                                                "oirl-ccorphan-v3-b0.bin"]
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait(timeout=30)
+    time.sleep(0.1)
+    clean_stale_shm(str(tmp_path))  # the live one is dead now: everything goes
+    assert not list(tmp_path.iterdir())

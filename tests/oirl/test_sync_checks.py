@@ -1,0 +1,64 @@
+"""The sync's checks that need no engine: the published tensors against the checkpoint on disk, and the
+enforcement of the on-policy statistics."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from actors.rollout_worker import SyncConfig
+from oirl.sync import OnPolicyError, SyncError, check_against_checkpoint, check_on_policy, checkpoint_tensors
+from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets
+
+
+def _update(named):
+    packed = [pack_bucket(g, lambda n: np.empty(n, dtype=np.uint8)) for g in plan_buckets(named, 1 << 16)]
+    buckets, buffers = [p[0] for p in packed], [p[1] for p in packed]
+    return WeightUpdate(1, "object_store", buckets, fingerprint(buckets, buffers), sum(b.nbytes for b in buckets))
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_model_path):
+    return list(load_file(f"{tiny_model_path}/model.safetensors").items())
+
+
+def test_the_learners_tensors_match_the_checkpoint(tiny_model_path, weights):
+    expected = checkpoint_tensors(tiny_model_path)
+    assert set(expected) == {n for n, _ in weights}
+    nbytes = check_against_checkpoint(_update(weights), expected)
+    assert nbytes == sum(t.numel() * t.element_size() for _, t in weights)
+
+
+@pytest.mark.parametrize("damage", ["drop", "rename", "reshape", "extra"])
+def test_a_dropped_renamed_or_reshaped_tensor_fails_the_sync(tiny_model_path, weights, damage):
+    named = list(weights)
+    victim = named[3][0]
+    if damage == "drop":
+        named.pop(3)
+    elif damage == "rename":
+        named[3] = (victim.replace("layers.0", "layer.0"), named[3][1])
+    elif damage == "reshape":
+        named[3] = (victim, named[3][1].reshape(-1))
+    else:
+        named.append(("value_head.weight", torch.zeros(1, 64)))
+    with pytest.raises(SyncError, match="does not match the model checkpoint's tensors"):
+        check_against_checkpoint(_update(named), checkpoint_tensors(tiny_model_path))
+
+
+def _stats(frac, worst=0.5, mean=0.01):
+    key = "rollout/engine_learner_logprob"
+    return {f"{key}_frac_over_tol": frac, f"{key}_max_abs_diff": worst, f"{key}_mean_abs_diff": mean}
+
+
+def test_on_policy_check_enforces_tolerance_and_fraction(caplog):
+    check_on_policy(_stats(0.0, worst=1e-5), SyncConfig(), 0)
+    with pytest.raises(OnPolicyError, match=r"iteration 4: on-policy check failed: 0.10% of the response tokens"):
+        check_on_policy(_stats(0.001), SyncConfig(), 4)
+    check_on_policy(_stats(0.001), SyncConfig(on_policy_max_frac=0.01), 4)  # bf16-style allowance
+    with pytest.raises(OnPolicyError):
+        check_on_policy(_stats(0.0, worst=float("nan")), SyncConfig(), 4)  # NaN logprobs never pass
+    with caplog.at_level(logging.WARNING):
+        check_on_policy(_stats(0.5), SyncConfig(on_policy_action="warn"), 2)
+    assert "on-policy check failed" in caplog.text
