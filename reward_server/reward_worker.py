@@ -3,7 +3,8 @@ inverse RL: a reward learned offline, queried online).
 
 Public methods (its RPC surface; the HTTP front in reward_server/http.py calls the same class in-process):
     score(batch: pa.Table) -> np.ndarray[float32]                     # one scalar reward per row
-    score_texts(prompts, responses, references) -> np.ndarray[float32]
+    score_batch(batch, norm_state: dict | None) -> (np.ndarray[float32], dict)
+    score_texts(prompts, responses, references, update_stats=True) -> np.ndarray[float32]
     stats() -> dict
 
 Reads the RolloutBatch columns prompt_token_ids, response_token_ids and reference; the driver adds the result as
@@ -11,6 +12,15 @@ the ``reward`` column. Backends, combined as a weighted sum: a rule (GSM8K final
 user function given by import path, a learned reward model (transformers sequence classification with one scalar
 output), and a remote reward server over HTTP. Then optional running normalisation and clipping. A NaN or inf is
 an error naming the sample.
+
+Running normalisation: ``score`` keeps the moments (count, mean, m2) in the actor, so they are lost when the actor
+restarts. ``score_batch`` takes them from the caller and returns the updated moments as plain JSON-able data, so the
+driver can keep them in its checkpoint; a restarted actor or a resumed run then continues exactly. The HTTP front
+never updates them (``update_stats=False``): remote clients cannot shift a training run's statistics.
+
+The bearer token of a remote reward server is never a config value (configs are written to out/config.json and
+shown by `oirl show-config`): it is read when the worker starts, from ``reward.url_token_file`` or else from the
+environment variable named by ``reward.url_token_env``.
 """
 
 from __future__ import annotations
@@ -18,6 +28,9 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
+import os
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +65,10 @@ class RewardConfig:
     """Remote reward server (`oirl serve-reward`), e.g. http://127.0.0.1:8000; its /score is called per batch."""
     url_weight: float = 1.0
     """Weight of the remote reward."""
-    url_token: str = ""
-    """Bearer token for the remote reward server."""
+    url_token_env: str = "OIRL_REWARD_TOKEN"
+    """Name of the environment variable that holds the remote server's bearer token (read where the actor runs)."""
+    url_token_file: str = ""
+    """File holding the remote server's bearer token (e.g. a mounted Kubernetes Secret); wins over url_token_env."""
     normalize: bool = False
     """Normalise the combined reward with a running mean/std (over every batch scored so far)."""
     clip: float = 0.0
@@ -76,11 +91,53 @@ def load_function(path: str) -> Callable[[str, str, str], float]:
         raise ValueError(f"reward.function={path!r} cannot be imported: {e}") from e
 
 
+def read_token_file(path: str, field: str) -> str:
+    """The token in a file (surrounding whitespace stripped); errors name ``field`` but never show the token."""
+    try:
+        token = open(os.path.expanduser(path)).read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{field}={path!r} cannot be read ({e}); point it at a file that holds the token") from e
+    if not token:
+        raise ValueError(f"{field}={path!r} is empty; write the token into it")
+    return token
+
+
+def url_token(cfg: RewardConfig) -> str:
+    """Bearer token for cfg.url: from cfg.url_token_file, else from $cfg.url_token_env, else '' (no token)."""
+    if cfg.url_token_file:
+        return read_token_file(cfg.url_token_file, "reward.url_token_file")
+    return os.environ.get(cfg.url_token_env, "").strip() if cfg.url_token_env else ""
+
+
 class RunningMoments:
     """Running mean/variance over every reward seen (Chan et al. parallel update)."""
 
     def __init__(self) -> None:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def state(self) -> dict:
+        """Plain, JSON-serialisable copy: {'count': int, 'mean': float, 'm2': float}."""
+        return {"count": int(self.count), "mean": float(self.mean), "m2": float(self.m2)}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> RunningMoments:
+        """Moments from ``state()`` output; None means no reward seen yet. A malformed state is a ValueError."""
+        moments = cls()
+        if state is None:
+            return moments
+        if not isinstance(state, dict) or set(state) != {"count", "mean", "m2"}:
+            raise ValueError(f"norm_state must be None or a dict with keys count, mean, m2 (as returned by "
+                             f"score_batch), got {state!r:.200}")
+        count, mean, m2 = state["count"], state["mean"], state["m2"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"norm_state['count']={count!r} must be an integer >= 0")
+        for key, value in (("mean", mean), ("m2", m2)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"norm_state[{key!r}]={value!r} must be a finite number")
+        if m2 < 0:
+            raise ValueError(f"norm_state['m2']={m2!r} must be >= 0 (it is a sum of squared deviations)")
+        moments.count, moments.mean, moments.m2 = count, float(mean), float(m2)
+        return moments
 
     def update(self, x: np.ndarray) -> None:
         n = len(x)
@@ -102,20 +159,28 @@ class RewardWorker:
         from transformers import AutoTokenizer
 
         self.cfg = cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)  # the policy's, to decode token ids
+        # Local folders only: a missing path must fail here, not wait on a model hub.
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)  # the policy's
         self.function = load_function(cfg.function) if cfg.function else None
+        self._url_token = url_token(cfg) if cfg.url else ""  # kept out of cfg, stats() and every message
         self.model = self.rm_tokenizer = None
         if cfg.model_path:
-            import os
+            from oirl.config import resolve_path
 
+            model_dir = str(resolve_path(cfg.model_path))  # as validate() checks it: cwd, else the repository
+            if not os.path.isfile(os.path.join(model_dir, "config.json")):
+                raise ValueError(f"reward.model_path={cfg.model_path!r} is not a model folder (no config.json) on "
+                                 "this node; train one with `oirl train-rm --out DIR` and point reward.model_path "
+                                 "at DIR")
             import torch
             from transformers import AutoModelForSequenceClassification
 
             # Ray caps a num_cpus=0 actor at one thread; scoring is its own phase of the loop, so use the cores.
             torch.set_num_threads(max(1, int(cfg.num_cpus)) if cfg.num_cpus >= 1 else (os.cpu_count() or 1))
 
-            self.rm_tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, dtype=torch.float32)
+            self.rm_tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32,
+                                                                            local_files_only=True)
             self.model.eval()
             if self.model.config.num_labels != 1:
                 raise ValueError(f"reward.model_path={cfg.model_path!r} has {self.model.config.num_labels} labels; "
@@ -129,8 +194,13 @@ class RewardWorker:
         from reward_server import rules
 
         if self.cfg.kind == "gsm8k":
-            return np.array([rules.gsm8k_reward(r, ref, self.cfg.format_bonus)
-                             for r, ref in zip(responses, references)], dtype=np.float64)
+            out = np.zeros(len(responses))
+            for i, (r, ref) in enumerate(zip(responses, references)):
+                try:
+                    out[i] = rules.gsm8k_reward(r, ref, self.cfg.format_bonus)
+                except ValueError as e:
+                    raise ValueError(f"sample {i}: {e} (reward.kind=gsm8k needs a reference answer per row)") from e
+            return out
         if self.cfg.kind == "synthetic_digits":
             if response_ids is None:
                 response_ids = [self.tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
@@ -154,18 +224,26 @@ class RewardWorker:
         body = json.dumps({"prompts": prompts, "responses": responses, "references": references}).encode()
         req = urllib.request.Request(self.cfg.url.rstrip("/") + "/score", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
-        if self.cfg.url_token:
-            req.add_header("Authorization", f"Bearer {self.cfg.url_token}")
-        with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-            rewards = json.loads(resp.read())["rewards"]
-        if len(rewards) != len(prompts):
-            raise ValueError(f"reward server {self.cfg.url} returned {len(rewards)} rewards for {len(prompts)} rows")
+        if self._url_token:
+            req.add_header("Authorization", f"Bearer {self._url_token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+                rewards = json.loads(resp.read())["rewards"]
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:500].decode(errors="replace")
+            fix = (f"; put the server's token in ${self.cfg.url_token_env} or in the file reward.url_token_file "
+                   "where the reward actor runs") if e.code == 401 else ""
+            raise ValueError(f"reward server {self.cfg.url} answered {e.code}: {detail}{fix}") from e
+        if not isinstance(rewards, list) or len(rewards) != len(prompts):
+            raise ValueError(f"reward server {self.cfg.url} returned {len(rewards) if isinstance(rewards, list) else rewards!r:.80} "
+                             f"rewards for {len(prompts)} rows")
         return np.asarray(rewards, dtype=np.float64)
 
     # ---- public --------------------------------------------------------------------------------------------
 
-    def score_texts(self, prompts: list[str], responses: list[str], references: list[str] | None = None,
-                    response_ids: list[list[int]] | None = None, update_stats: bool = True) -> np.ndarray:
+    def _combined(self, prompts: list[str], responses: list[str], references: list[str] | None,
+                  response_ids: list[list[int]] | None) -> np.ndarray:
+        """Weighted sum of the backends [B] (float64), before normalisation; a non-finite reward is an error."""
         references = references if references is not None else [""] * len(responses)
         if not len(prompts) == len(responses) == len(references):
             raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and {len(references)} references: "
@@ -185,17 +263,25 @@ class RewardWorker:
         if len(bad):
             raise ValueError(f"reward of sample {int(bad[0])} is {total[bad[0]]} (not finite); check the reward "
                              f"backends for response {responses[bad[0]][:80]!r}")
-        if c.normalize:
+        return total
+
+    def _finish(self, total: np.ndarray, moments: RunningMoments, update_stats: bool) -> np.ndarray:
+        """Normalise with (and, when asked, first update) ``moments``, then clip. [B] float64 -> [B] float32."""
+        if self.cfg.normalize:
             if update_stats:
-                self.moments.update(total)
-            total = (total - self.moments.mean) / max(self.moments.std, 1e-6)
-        if c.clip > 0:
-            total = np.clip(total, -c.clip, c.clip)
+                moments.update(total)
+            total = (total - moments.mean) / max(moments.std, 1e-6)
+        if self.cfg.clip > 0:
+            total = np.clip(total, -self.cfg.clip, self.cfg.clip)
         self.scored += len(total)
         return total.astype(np.float32)
 
-    def score(self, batch: Any) -> np.ndarray:
-        """RolloutBatch -> rewards [B]. Token ids are decoded only for scoring; training keeps the engine's ids."""
+    def score_texts(self, prompts: list[str], responses: list[str], references: list[str] | None = None,
+                    response_ids: list[list[int]] | None = None, update_stats: bool = True) -> np.ndarray:
+        """Rewards [B] of decoded texts; update_stats=False normalises with the actor's moments but leaves them."""
+        return self._finish(self._combined(prompts, responses, references, response_ids), self.moments, update_stats)
+
+    def _texts(self, batch: Any) -> tuple[list[str], list[str], list[str], list[list[int]]]:
         response_ids = batch.column("response_token_ids").to_pylist()
         prompt_ids = batch.column("prompt_token_ids").to_pylist()
         responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
@@ -203,7 +289,20 @@ class RewardWorker:
             self.model is not None or self.function is not None or self.cfg.url) else [""] * len(responses)
         references = (batch.column("reference").to_pylist() if "reference" in batch.column_names
                       else [""] * len(responses))
-        return self.score_texts(prompts, responses, references, response_ids)
+        return prompts, responses, references, response_ids
+
+    def score(self, batch: Any) -> np.ndarray:
+        """RolloutBatch -> rewards [B]. Token ids are decoded only for scoring; training keeps the engine's ids.
+        Normalises with (and updates) the moments kept in this actor."""
+        return self.score_texts(*self._texts(batch))
+
+    def score_batch(self, batch: Any, norm_state: dict | None) -> tuple[np.ndarray, dict]:
+        """Like ``score``, but the running moments belong to the caller: normalise with ``norm_state`` (None = no
+        reward seen yet) and return (rewards [B] float32, updated moments {'count', 'mean', 'm2'}). The actor keeps
+        nothing, so a restarted actor given the returned state continues exactly."""
+        moments = RunningMoments.from_state(norm_state)
+        rewards = self._finish(self._combined(*self._texts(batch)), moments, update_stats=True)
+        return rewards, moments.state()
 
     def stats(self) -> dict:
         return {"scored": self.scored, "running_mean": self.moments.mean, "running_std": self.moments.std}
