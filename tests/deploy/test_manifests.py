@@ -1,7 +1,8 @@
 """KubeRay manifests, checked offline: yamllint, strict validation against the KubeRay v1.7.0 CRD schemas (converted
 to JSON Schema by oirl.manifests), each pod template as a PodTemplateSpec, and the rules the schema cannot express
 (replicas within bounds, GPU limits == requests, rayVersion == installed Ray, resources fit `oirl plan`, no public
-exposure, /dev/shm in memory). Every check is shown to fail on a deliberately broken manifest."""
+exposure, /dev/shm in memory, token auth through KubeRay's authOptions so that a RayJob's submitter can
+authenticate). Every check is shown to fail on a deliberately broken manifest."""
 
 import shlex
 import subprocess
@@ -166,3 +167,85 @@ def test_oirl_plan_check_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "oirl.cli", "plan", "--config", "configs/gpu.yaml", "--check",
                           str(broken)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "FAIL" in bad.stdout and "plan needs 4 learner" in bad.stdout
+
+
+# ---- token auth: KubeRay's authOptions, and a RayJob submitter that can authenticate ----------------------------
+
+HAND_SET_AUTH = [{"name": "RAY_AUTH_MODE", "value": "token"},
+                 {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "oirl-ray-token", "key": "token"}}}]
+
+
+def _ray_containers(m):
+    c = _cluster(m)
+    return [c["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
+        g["template"]["spec"]["containers"][0] for g in c["workerGroupSpecs"]]
+
+
+def _submitter_with_token():
+    return {"spec": {"restartPolicy": "Never", "containers": [
+        {"name": "ray-job-submitter", "image": "oirl:0.1.0-gpu", "env": [dict(e) for e in HAND_SET_AUTH]}]}}
+
+
+def _auth_break(kind):
+    m = load(REPO_ROOT / "deploy" / "kuberay" / "rayjob.yaml")
+    c = _cluster(m)
+    if kind in ("hand_set_env", "sidecar", "hand_set_env_with_submitter", "worker_without_token"):
+        del c["authOptions"]  # the way the manifests did it before: RAY_AUTH_* by hand in every Ray container
+        for container in _ray_containers(m):
+            container["env"] = [dict(e) for e in HAND_SET_AUTH]
+    if kind == "sidecar":
+        m["spec"]["submissionMode"] = "SidecarMode"
+    elif kind == "hand_set_env_with_submitter":
+        m["spec"]["submitterPodTemplate"] = _submitter_with_token()
+    elif kind == "worker_without_token":
+        m["spec"]["submitterPodTemplate"] = _submitter_with_token()
+        del _group(m, "reward")["template"]["spec"]["containers"][0]["env"]
+    elif kind == "no_auth":
+        del c["authOptions"]
+    elif kind == "hand_set_beside_auth_options":
+        c["headGroupSpec"]["template"]["spec"]["containers"][0]["env"] = [dict(e) for e in HAND_SET_AUTH]
+    elif kind == "k8s_token_auth_on_rayjob":
+        c["authOptions"]["enableK8sTokenAuth"] = True
+        del c["authOptions"]["secretName"]
+    return m
+
+
+def test_shipped_manifests_use_the_operators_auth_options_and_set_no_token_by_hand():
+    for path in MANIFESTS:
+        m = load(path)
+        assert _cluster(m)["authOptions"] == {"mode": "token", "secretName": "oirl-ray-token"}
+        for container in _ray_containers(m):
+            assert not {e["name"] for e in container.get("env", [])} & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, path
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("hand_set_env", "the RayJob's submitter cannot authenticate: the head runs with RAY_AUTH_MODE=token set by hand, "
+                     "but the K8sJobMode submitter gets no RAY_AUTH_TOKEN"),
+    ("sidecar", "the SidecarMode submitter gets no RAY_AUTH_TOKEN"),
+    ("worker_without_token", "oirl-ppo-gsm8k/workerGroupSpecs/reward: the head requires a token but this group's "
+                             "Ray container has no RAY_AUTH_TOKEN"),
+    ("no_auth", "token auth is off"),
+    ("hand_set_beside_auth_options", "oirl-ppo-gsm8k/headGroupSpec/ray-head: RAY_AUTH_MODE, RAY_AUTH_TOKEN set by "
+                                     "hand"),
+    ("k8s_token_auth_on_rayjob", "KubeRay rejects authOptions.enableK8sTokenAuth on a RayJob"),
+])
+def test_auth_rules_reject_broken_manifests(kind, fragment):
+    m = _auth_break(kind)
+    assert validate_manifest(m) == []  # schema-valid: only the auth rule sees it
+    problems = check_manifest(GPU_CFG, m, ray.__version__)
+    assert any(fragment in p for p in problems), problems
+
+
+def test_a_submitter_given_the_token_by_hand_can_authenticate():
+    m = _auth_break("hand_set_env_with_submitter")
+    assert validate_manifest(m) == []
+    assert check_manifest(GPU_CFG, m, ray.__version__) == []
+
+
+def test_oirl_plan_check_flags_a_rayjob_whose_submitter_cannot_authenticate(tmp_path):
+    broken = tmp_path / "rayjob-hand-set-auth.yaml"
+    broken.write_text(yaml.safe_dump(_auth_break("hand_set_env")))
+    bad = subprocess.run([sys.executable, "-m", "oirl.cli", "plan", "--config", "configs/gpu.yaml", "--check",
+                          str(broken)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "FAIL" in bad.stdout
+    assert "submitter cannot authenticate" in bad.stdout and "authOptions: {mode: token" in bad.stdout
