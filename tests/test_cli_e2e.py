@@ -60,9 +60,12 @@ def test_smoke_run_is_on_policy_and_verified(learning_run):
     for k, r in enumerate(rows):
         assert r["rollout/policy_version_min"] == r["rollout/policy_version_max"] == k
         assert r["sync/logprob_max_abs_diff"] < 1e-3
-        assert r["sync/bytes"] == param_bytes
+        assert r["sync/bytes"] == r["sync/expected_bytes"] == param_bytes
         assert r["sync/seconds"] > 0 and r["sync/gbps"] > 0
+        # The on-policy check, over every response token of both ranks, every iteration.
         assert r["rollout/engine_learner_logprob_max_abs_diff"] < 1e-3
+        assert 0 <= r["rollout/engine_learner_logprob_mean_abs_diff"] <= r["rollout/engine_learner_logprob_max_abs_diff"]
+        assert r["rollout/engine_learner_logprob_frac_over_tol"] == 0.0
         for phase in ("generate", "reward", "prepare", "update", "sync", "checkpoint", "iteration"):
             assert r[f"timing_s/{phase}"] >= 0
         for key in ("reward/mean", "kl/mean", "learner/policy_loss", "learner/value_loss", "perf/gen_tokens_per_s"):
