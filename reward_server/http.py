@@ -390,6 +390,8 @@ def make_server(worker: Any, cfg: ServerConfig) -> ThreadingHTTPServer:
                 extra["Allow"] = "GET, POST"
             if self.request_version == "HTTP/0.9":
                 self.request_version = "HTTP/1.0"
+            with metrics.lock:
+                metrics.errors += 1
             self.close_connection = True
             self._send(code, {"error": message or HTTPStatus(code).phrase}, headers=extra)
 

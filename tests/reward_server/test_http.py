@@ -195,7 +195,7 @@ def test_a_nan_request_fails_alone_when_batched_with_others(tiny_model_path):
 def test_http_scoring_never_updates_normalisation_statistics(tiny_model_path):
     w = RewardWorker(RewardConfig(kind="gsm8k", format_bonus=0.5, normalize=True), tiny_model_path)
     w.score_texts(["q"] * 4, ["#### 7", "7", "no", "#### 3"], ["7"] * 4)  # a trainer's batch: moments move
-    before = w.moments.state()
+    before = {"count": w.moments.count, "mean": w.moments.mean, "m2": w.moments.m2}
     srv, url = serve(w)
     try:
         for _ in range(3):
@@ -204,7 +204,7 @@ def test_http_scoring_never_updates_normalisation_statistics(tiny_model_path):
             assert status == 200
             raw = np.array([1.5, 1.5])
             np.testing.assert_allclose(out["rewards"], (raw - before["mean"]) / w.moments.std, rtol=1e-6)
-        assert w.moments.state() == before
+        assert {"count": w.moments.count, "mean": w.moments.mean, "m2": w.moments.m2} == before
     finally:
         srv.shutdown()
 
