@@ -319,6 +319,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            f"reward.kind={rw.kind!r} must be 'gsm8k', 'synthetic_digits' or 'none'")
     _check(rw.kind != "none" or rw.function or rw.model_path or rw.url,
            "reward.kind=none needs another backend: set reward.model_path, reward.function or reward.url")
+    _check(rw.kind != "gsm8k" or d.source == "gsm8k",
+           f"reward.kind=gsm8k scores against each prompt's reference answer, but data.source={d.source!r} has "
+           "none; set reward.kind=synthetic_digits (or none with another backend) or data.source=gsm8k")
     _check(not rw.url or rw.url.startswith(("http://", "https://")),
            f"reward.url={rw.url!r} must start with http:// or https://")
     _check(rw.url_token_env == "" or (rw.url_token_env.isascii() and not rw.url_token_env[0].isdigit() and all(

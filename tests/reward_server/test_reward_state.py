@@ -132,3 +132,11 @@ def test_a_missing_or_wrong_token_is_an_error_that_says_where_it_comes_from(tiny
     with pytest.raises(ValueError, match="is empty"):
         RewardWorker(RewardConfig(kind="none", url=token_server, url_token_file=str(tmp_path / "empty")),
                      tiny_model_path)
+
+
+def test_gsm8k_reward_on_data_without_references_fails_at_start():
+    from oirl.config import REPO_ROOT, ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="reward.kind=gsm8k scores against each prompt's reference answer, but "
+                                          "data.source='synthetic' has none"):
+        load_config(REPO_ROOT / "configs" / "smoke.yaml", ["reward.kind=gsm8k"], check_paths=False)
