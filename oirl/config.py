@@ -25,6 +25,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
+# Fields that no longer exist, with what to use instead (their values are never echoed: some were secrets).
+REMOVED = {
+    "reward.url_token": "a token is never a config value (it would land in out/config.json and job entrypoints); "
+                        "put it in the environment variable named by reward.url_token_env (default "
+                        "OIRL_REWARD_TOKEN) or in a file named by reward.url_token_file",
+}
+
+
 class ConfigError(ValueError):
     """A config value is wrong; the message names the field and how to fix it."""
 
@@ -159,6 +167,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if path in REMOVED:
+            raise ConfigError(f"config field '{path}' was removed: {REMOVED[path]}")
         if key not in fields:
             hint = difflib.get_close_matches(key, fields, n=1)
             fix = f"; did you mean '{prefix}{hint[0]}'?" if hint else f"; known fields: {', '.join(fields)}"
