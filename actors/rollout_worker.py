@@ -53,6 +53,9 @@ class RolloutConfig:
     """Ray CPUs reserved per engine actor."""
     num_gpus: float = 0.0
     """Ray GPUs per engine actor (1 on GPU clusters)."""
+    cuda_graphs: bool = True
+    """GPU engines capture CUDA graphs (vLLM's default, much faster decoding); false = eager. CPU engines always
+    run eager."""
     max_num_seqs: int = 64
     """vLLM scheduler batch limit."""
     timeout_s: float = 900.0
@@ -65,7 +68,9 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class SyncConfig:
     transport: str = "auto"
-    """'shm' (/dev/shm files; engines on the learner's node), 'object_store' (Ray objects), or 'auto'."""
+    """'shm' (/dev/shm files; engines on the learner's node), 'object_store' (Ray objects), 'collective' (learner
+    rank 0 broadcasts over a torch.distributed group with the engines' workers: gloo on CPU, NCCL on GPU), or
+    'auto' (shm when every engine shares learner rank 0's node, else collective)."""
     bucket_mb: int = 256
     """Largest bucket of packed weights, in MiB."""
     canary_tolerance: float = 1e-3
@@ -97,7 +102,8 @@ class RolloutWorker:
 
         kwargs: dict[str, Any] = dict(
             model=model_path, tokenizer=model_path, dtype=dtype, seed=seed + engine_index,
-            max_num_seqs=cfg.max_num_seqs, enforce_eager=True, enable_prefix_caching=True,
+            max_num_seqs=cfg.max_num_seqs, enforce_eager=not (cfg.cuda_graphs and cfg.num_gpus > 0),
+            enable_prefix_caching=True,
             worker_extension_cls="actors.vllm_extension.WeightReceiver",
             logprobs_mode="processed_logprobs",  # logprobs of the distribution actually sampled (temperature)
         )
@@ -162,14 +168,17 @@ class RolloutWorker:
         from oirl.weights import bucket_to_wire
 
         t0 = time.perf_counter()
-        if update.transport == "shm":
-            arrays = [np.memmap(b.location, dtype=np.uint8, mode="c") for b in update.buckets]
+        arrays: list[Any] | None
+        if update.transport == "collective":
+            arrays = None  # the engine's worker receives them from learner rank 0's broadcast
+        elif update.transport == "shm":
+            # In another process (vLLM's multiprocess engine) the worker maps the files itself.
+            arrays = ([np.memmap(b.location, dtype=np.uint8, mode="c") for b in update.buckets]
+                      if self.cfg.in_process_engine else [b.location for b in update.buckets])
         else:
             arrays = ray.get([b.location for b in update.buckets], timeout=timeout_s)
-        if not self.cfg.in_process_engine and update.transport == "shm":
-            arrays = [b.location for b in update.buckets]  # the worker process maps the files itself
-        elif not self.cfg.in_process_engine:
-            arrays = [bytes(a) for a in arrays]  # crosses vLLM's msgpack RPC
+            if not self.cfg.in_process_engine:
+                arrays = [bytes(a) for a in arrays]  # crosses vLLM's msgpack RPC
         t_fetch = time.perf_counter()
         reports = self._reload([bucket_to_wire(b) for b in update.buckets], arrays, update.version)
         self.llm.reset_prefix_cache()
@@ -184,7 +193,11 @@ class RolloutWorker:
                 "verify_s": max(r["verify_s"] for r in reports), "reload_s": max(r["reload_s"] for r in reports),
                 "seconds": time.perf_counter() - t0}
 
-    def _reload(self, wire: list[dict], arrays: list[Any], version: int) -> list[dict]:
+    def join_weight_group(self, master_ip: str, master_port: int, rank: int, world: int, timeout_s: float) -> None:
+        """The engine's worker joins the collective transport's group as ``rank`` (tensor parallel 1: one worker)."""
+        self.llm.collective_rpc("oirl_join_group", args=(master_ip, master_port, rank, world, timeout_s))
+
+    def _reload(self, wire: list[dict], arrays: list[Any] | None, version: int) -> list[dict]:
         """Every worker of the engine hashes and loads the buckets (actors/vllm_extension.py)."""
         return self.llm.collective_rpc("oirl_reload", args=(wire, arrays, version))
 

@@ -18,11 +18,39 @@ import numpy as np
 class WeightReceiver:
     """Mixed into vLLM's Worker class; ``self.model_runner`` is the worker's model runner."""
 
-    def oirl_reload(self, buckets: list[Any], arrays: list[Any], version: int) -> dict:
+    def oirl_join_group(self, master_ip: str, master_port: int, rank: int, world: int, timeout_s: float) -> None:
+        """Join the collective transport's group (learner rank 0 is rank 0) from inside this worker's process."""
+        import torch
+
+        from oirl.weights import join_weight_group
+
+        self.oirl_group = None  # an older group (an engine was replaced) goes first
+        self.oirl_group = join_weight_group(master_ip, master_port, rank, world,
+                                            getattr(self, "device", torch.device("cpu")), timeout_s)
+        self.oirl_timeout_s = timeout_s
+
+    def _oirl_receive(self, buckets: list[Any]) -> list[np.ndarray]:
+        """Every bucket of this version, broadcast by learner rank 0 over the collective group, into host buffers."""
+        import torch
+
+        from oirl.weights import broadcast_bucket
+
+        if getattr(self, "oirl_group", None) is None:
+            raise RuntimeError("sync.transport=collective but this worker never joined the weight group")
+        device = getattr(self, "device", torch.device("cpu"))
+        out = []
+        for b in buckets:
+            t = torch.empty(b.nbytes, dtype=torch.uint8, device=device if device.type == "cuda" else "cpu")
+            broadcast_bucket(self.oirl_group[0], t, self.oirl_timeout_s)
+            out.append(t.cpu().numpy())
+        return out
+
+    def oirl_reload(self, buckets: list[Any], arrays: list[Any] | None, version: int) -> dict:
         """Hash, then load every bucket in one reload call (vLLM's layerwise reload expects the full set at once).
 
         buckets: oirl.weights.bucket_to_wire() of each bucket; arrays: one uint8 buffer (or bytes) per bucket, or
-        a /dev/shm path (str) when this worker runs in another process than the rollout actor.
+        a /dev/shm path (str) when this worker runs in another process than the rollout actor, or None: receive
+        them over the collective transport's group.
 
         The fingerprint is computed here, in the worker's process, over the very buffers handed to the reload, and
         nothing else: it is never taken from the caller, so a bucket corrupted anywhere on its way (transport,
@@ -31,6 +59,8 @@ class WeightReceiver:
         from oirl.weights import bucket_from_wire, fingerprint, unpack_bucket
 
         buckets = [bucket_from_wire(b) for b in buckets]
+        if arrays is None:
+            arrays = self._oirl_receive(buckets)
         arrays = [np.frombuffer(a, dtype=np.uint8) if isinstance(a, (bytes, bytearray)) else a for a in arrays]
         buffers = [np.memmap(a, dtype=np.uint8, mode="c") if isinstance(a, str) else a for a in arrays]
         t0 = time.perf_counter()

@@ -1,5 +1,6 @@
 """Weight-sync benchmark: publish the learner's SmolLM2-135M weights to a vLLM engine with each transport (shm,
-object_store), several rounds each in the same run, and record bytes, seconds, GB/s and the canary difference.
+object_store, collective), several rounds each in the same run, and record bytes, seconds, GB/s and the canary
+difference.
 Writes benchmarks/results/weight_sync.json.
 
     deploy/loopback.sh python benchmarks/weight_sync.py [--rounds 3] [--model smollm2-135m]
@@ -26,7 +27,7 @@ def main() -> int:
     from learner.learner_worker import LearnerConfig
     from oirl.config import ModelConfig
     from oirl.models import resolve_model
-    from oirl.sync import sync_weights
+    from oirl.sync import checkpoint_tensors, form_weight_group, sync_weights
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -44,13 +45,15 @@ def main() -> int:
                                "syncbench", micro_batch=1)
         canary = ray.get(engine.generate.remote([0], [[1, 2, 3, 4, 5]], 0), timeout=600)
         version = 0
-        for transport in ("shm", "object_store"):
+        expected = checkpoint_tensors(path)
+        form_weight_group(learner, [engine], timeout_s=300)
+        for transport in ("shm", "object_store", "collective"):
             rounds = []
             for _ in range(args.rounds):
                 version += 1
                 ray.get(engine.generate.remote([0], [[1, 2, 3]], version - 1), timeout=600)  # engine is live
                 rounds.append(sync_weights(learner, [engine], version, SyncConfig(bucket_mb=args.bucket_mb),
-                                           transport, canary))
+                                           transport, canary, expected))
             results[transport] = {
                 "bytes": rounds[0]["sync/bytes"],
                 "seconds_median": statistics.median(r["sync/seconds"] for r in rounds),
@@ -66,8 +69,9 @@ def main() -> int:
     finally:
         ray.shutdown()
     out = {"model": args.model, "bucket_mb": args.bucket_mb, "machine": {"cpus": os.cpu_count()},
-           "note": "learner rank and engine on one node; sync/seconds = export (pack + hash) + engine fetch, "
-                   "verify and in-place reload", **results}
+           "note": "learner rank and engine on one node; sync/seconds = export (pack + hash) + engine fetch "
+                   "(collective: gloo broadcast over loopback TCP), verify (worker-side hash) and in-place reload",
+           **results}
     (REPO / "benchmarks" / "results" / "weight_sync.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "rounds"} for k, v in results.items()}, indent=2))
     return 0

@@ -72,7 +72,13 @@ class LearnerConfig:
     flip_advantage_sign: bool = False
     """Sanity switch for tests: train against the reward (learning must then fail)."""
     forward_batch_size: int = 8
-    """Rows per no-grad forward in prepare()."""
+    """Rows per no-grad forward in prepare(); full-vocabulary logits exist for one such chunk at a time."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in the backward pass (less memory, ~30% more update time)."""
+    ref_dtype: str = ""
+    """dtype of the frozen reference model: '' = model.dtype, or 'bfloat16' / 'float32' (bf16 halves its memory)."""
+    ref_offload: bool = False
+    """Keep the reference model in host memory and move it to the device only for prepare()'s reference pass."""
     num_cpus: float = 1.0
     """Ray CPUs per rank."""
     num_gpus: float = 0.0
@@ -158,6 +164,8 @@ class LearnerWorker:
         self.shm_files: dict[int, list[str]] = {}
         self.shm_dir = "/dev/shm"
         self.shm_lock: int | None = None
+        self.weight_group: Any = None  # (process group, store) of the collective transport, rank 0 only
+        self.collective_buffers: dict[int, list[np.ndarray]] = {}
 
     def master_address(self) -> tuple[str, int]:
         return free_master_address()
@@ -190,9 +198,15 @@ class LearnerWorker:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         lm = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         lm.config.use_cache = False
+        if self.cfg.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         module = PolicyWithValue.build(lm, self.seed)
-        self.ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
-        self.ref.requires_grad_(False)
+        self.ref = None  # kl_coef = 0: no reference model at all (not loaded, not run)
+        if self.cfg.kl_coef > 0:
+            ref_dtype = getattr(torch, self.cfg.ref_dtype) if self.cfg.ref_dtype else dtype
+            self.ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=ref_dtype).eval()
+            self.ref.requires_grad_(False)
+            self.ref.to("cpu" if self.cfg.ref_offload else self.device)
         ds_config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
@@ -212,15 +226,29 @@ class LearnerWorker:
 
     # ---- PPO -------------------------------------------------------------------------------------------------
 
-    def _forward_no_grad(self, model_fn, keys: tuple[str, ...]) -> list[Any]:
+    def _score(self, model_fn: Any) -> tuple[Any, Any, Any]:
+        """Logprobs of the sampled tokens [B, R], values [B, R] (None for a model without a value head) and
+        entropy [B, R] of this rank's rows, one chunk of forward_batch_size rows at a time: full-vocabulary logits
+        ([rows, R, V], several GB per model per rank at GPU scale) never exist for more than one chunk."""
         import torch
 
-        d, n, outs = self.data, self.data["input_ids"].shape[0], []
+        from learner import ppo
+
+        d, fb = self.data, self.cfg.forward_batch_size
+        lps, values, ents = [], [], []
         with torch.no_grad():
-            for s in range(0, n, self.cfg.forward_batch_size):
-                sl = slice(s, s + self.cfg.forward_batch_size)
-                outs.append(model_fn(*(d[k][sl] for k in keys)))
-        return outs
+            for s in range(0, d["input_ids"].shape[0], fb):
+                sl = slice(s, s + fb)
+                t_len = int(d["attention_mask"][sl].sum(1).max())  # drop the padding this chunk does not need
+                out = model_fn(d["input_ids"][sl, :t_len], d["attention_mask"][sl, :t_len],
+                               d["resp_index"][sl].clamp(max=t_len - 1))
+                logits, vals = out if isinstance(out, tuple) else (out, None)
+                lps.append(ppo.logprobs_from_logits(logits, d["resp_ids"][sl]))
+                ents.append(ppo.entropy_from_logits(logits))
+                if vals is not None:
+                    values.append(vals)
+                del out, logits
+        return torch.cat(lps), (torch.cat(values) if values else None), torch.cat(ents)
 
     def _allreduce(self, values: list[float], op: str = "sum") -> list[float]:
         import torch
@@ -244,7 +272,6 @@ class LearnerWorker:
     def prepare(self, batch: Any, iteration: int, on_policy_tolerance: float = 1e-3) -> dict:
         """Score this rank's rows: old logprobs + values (policy), reference logprobs, rewards, GAE, and the
         engine/learner logprob comparison over every rank (on_policy_tolerance: per-token |diff| counted as over)."""
-        import torch
 
         from learner import ppo
 
@@ -252,16 +279,16 @@ class LearnerWorker:
         rows = np.arange(self.rank, batch.num_rows, self.world)
         d = {k: v.to(self.device) for k, v in ppo.pad_batch(batch.take(rows), self.pad_id).items()}
         self.data = d
-        keys = ("input_ids", "attention_mask", "resp_index")
         temp = self.temperature
-        pol = self._forward_no_grad(lambda i, a, r: self.engine(i, a, r, temp), keys)
-        ref = self._forward_no_grad(lambda i, a, r: _ref_logits(self.ref, i, a, r, temp), keys)
-        logits = [x[0] for x in pol]
-        fb = self.cfg.forward_batch_size
-        ids_chunks = [d["resp_ids"][s: s + fb] for s in range(0, len(rows), fb)]
-        d["old_logprobs"] = torch.cat([ppo.logprobs_from_logits(lg, ids) for lg, ids in zip(logits, ids_chunks)])
-        d["ref_logprobs"] = torch.cat([ppo.logprobs_from_logits(lg, ids) for lg, ids in zip(ref, ids_chunks)])
-        d["old_values"] = torch.cat([x[1] for x in pol])
+        d["old_logprobs"], d["old_values"], entropy = self._score(lambda i, a, r: self.engine(i, a, r, temp))
+        if self.ref is None:
+            d["ref_logprobs"] = d["old_logprobs"]  # kl_coef = 0: the KL term is zero and needs no reference
+        else:
+            if self.cfg.ref_offload:
+                self.ref.to(self.device)
+            d["ref_logprobs"], _, _ = self._score(lambda i, a, r: _ref_logits(self.ref, i, a, r, temp))
+            if self.cfg.ref_offload:
+                self.ref.to("cpu")
         mask = d["resp_mask"]
         kl = ppo.kl_estimate(d["old_logprobs"], d["ref_logprobs"], self.cfg.kl_estimator) * mask
         rewards = ppo.token_rewards(d["reward"], kl, mask, self.cfg.kl_coef)
@@ -272,10 +299,11 @@ class LearnerWorker:
             mean = s1 / n_tok
             adv = ppo.masked_whiten(adv, mask, mean, max(s2 / n_tok - mean**2, 0.0))
         d["advantages"] = -adv if self.cfg.flip_advantage_sign else adv
-        kl_sum, v_sum, r_sum, n_seq = self._allreduce([ppo.masked_sum(kl, mask).item(),
-                                                       ppo.masked_sum(d["old_values"], mask).item(),
-                                                       d["reward"].sum().item(), float(len(rows))])
+        kl_sum, v_sum, r_sum, n_seq, ent_sum = self._allreduce([
+            ppo.masked_sum(kl, mask).item(), ppo.masked_sum(d["old_values"], mask).item(), d["reward"].sum().item(),
+            float(len(rows)), ppo.masked_sum(entropy, mask).item()])
         return {"kl/mean": kl_sum / n_seq, "kl/per_token": kl_sum / n_tok, "learner/value_mean": v_sum / n_tok,
+                "rollout/entropy": ent_sum / n_tok,
                 "learner/tokens": n_tok, **self._on_policy_stats(mask, on_policy_tolerance)}
 
     def update(self) -> dict:
@@ -333,8 +361,6 @@ class LearnerWorker:
 
     def export_weights(self, version: int, transport: str, bucket_mb: int, shm_dir: str = "/dev/shm") -> Any:
         """Pack the policy's HF-named weights into buckets (rank 0); every rank joins the ZeRO-3 gather."""
-        import ray
-
         from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets, shm_bucket_path
 
         with self._gathered():
@@ -361,12 +387,42 @@ class LearnerWorker:
                 for buf in buffers:
                     if isinstance(buf, np.memmap):
                         buf.flush()
+            elif transport == "collective":
+                self.collective_buffers = {version: buffers}  # until broadcast_weights sends them
             else:
+                import ray  # only here: shm and collective need no Ray (benchmarks.gpu_check runs without it)
+
                 for bucket, buf in zip(buckets, buffers):
                     bucket.location = ray.put(buf)
             update = WeightUpdate(version, transport, buckets, fp, sum(b.nbytes for b in buckets))
             update.pack_seconds = time.perf_counter() - t0
             return update
+
+    def join_weight_group(self, master_ip: str, master_port: int, world: int, timeout_s: float) -> None:
+        """Rank 0 hosts the collective transport's group (its ranks 1.. are the engines' workers); others no-op."""
+        if self.rank == 0:
+            from oirl.weights import join_weight_group
+
+            self.weight_group = None  # drop an older group (an engine was replaced) before forming the new one
+            self.weight_group = join_weight_group(master_ip, master_port, 0, world, self.device, timeout_s)
+
+    def broadcast_weights(self, version: int, timeout_s: float) -> None:
+        """Send the buckets export_weights packed for ``version`` to every engine worker (rank 0; others no-op)."""
+        import torch
+
+        from oirl.weights import broadcast_bucket
+
+        if self.rank != 0:
+            return
+        if self.weight_group is None:
+            raise RuntimeError("broadcast_weights before join_weight_group: form the collective group first")
+        try:
+            for buf in self.collective_buffers.pop(version):
+                t = torch.from_numpy(buf)
+                broadcast_bucket(self.weight_group[0], t.to(self.device) if self.device.type == "cuda" else t,
+                                 timeout_s)
+        finally:
+            self.collective_buffers.pop(version, None)
 
     def release_weights(self, version: int | None = None) -> None:
         """Delete the /dev/shm files of a version once every engine has loaded it (None: of every version)."""

@@ -308,6 +308,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _check(lr.value_clip > 0, f"learner.value_clip={lr.value_clip} must be > 0 (it bounds the value update per step)")
     _check(lr.forward_batch_size >= 1, f"learner.forward_batch_size={lr.forward_batch_size} must be >= 1 (rows per "
                                        "no-grad forward)")
+    _check(lr.ref_dtype in ("", "bfloat16", "float32"),
+           f"learner.ref_dtype={lr.ref_dtype!r} must be '' (the model's dtype), 'bfloat16' or 'float32'")
     for name in ("vf_coef", "kl_coef", "entropy_coef", "weight_decay", "max_grad_norm"):
         _check(getattr(lr, name) >= 0, f"learner.{name}={getattr(lr, name)} must be >= 0")
     _check(0 <= lr.gamma <= 1 and 0 <= lr.gae_lambda <= 1,
@@ -317,8 +319,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            f"data.prompts_per_iteration * rollout.samples_per_prompt = {cfg.batch_size} samples must split evenly "
            f"over learner.num_ranks * learner.num_minibatches = {per_step}; change prompts_per_iteration "
            f"or num_minibatches")
-    _check(s.transport in ("auto", "shm", "object_store"),
-           f"sync.transport={s.transport!r} must be 'auto', 'shm' or 'object_store'")
+    _check(s.transport in ("auto", "shm", "object_store", "collective"),
+           f"sync.transport={s.transport!r} must be 'auto', 'shm', 'object_store' or 'collective'")
     _check(s.bucket_mb >= 1, f"sync.bucket_mb={s.bucket_mb} must be >= 1")
     _check(s.canary_tolerance > 0, f"sync.canary_tolerance={s.canary_tolerance} must be > 0")
     _check(s.on_policy_tolerance > 0, f"sync.on_policy_tolerance={s.on_policy_tolerance} must be > 0")
@@ -338,6 +340,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         c.isupper() or c.isdigit() or c == "_" for c in rw.url_token_env)),
            "reward.url_token_env must be the NAME of an environment variable (upper-case letters, digits and _, "
            "e.g. OIRL_REWARD_TOKEN) that holds the token, never the token itself")
+    _check(rw.model_dtype in ("float32", "bfloat16"),
+           f"reward.model_dtype={rw.model_dtype!r} must be float32 or bfloat16 (bfloat16 on GPUs)")
+    _check(rw.num_gpus >= 0, f"reward.num_gpus={rw.num_gpus} must be >= 0")
     _check(rw.clip >= 0, f"reward.clip={rw.clip} must be >= 0 (0 disables clipping)")
     if rw.model_path and check_paths:
         _check((resolve_path(rw.model_path) / "config.json").is_file(),

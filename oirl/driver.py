@@ -35,7 +35,7 @@ from oirl.metrics import MetricsLogger, plot_curves
 from oirl.models import resolve_model
 from oirl.plan import actor_options, placement_plan
 from oirl.remote import get_all
-from oirl.sync import check_on_policy, checkpoint_tensors, choose_transport, sync_weights
+from oirl.sync import check_on_policy, checkpoint_tensors, choose_transport, form_weight_group, sync_weights
 from reward_server.reward_worker import spawn_reward_actor
 
 logger = logging.getLogger(__name__)
@@ -102,9 +102,21 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         logger.info("run %s: %d engines, %d learner ranks (ZeRO-%d), weight transport %s", run_id, r.num_engines,
                     cfg.learner.num_ranks, cfg.learner.zero_stage, transport)
 
+        if transport == "collective":
+            form_weight_group(learner, pool.engines, cfg.sync.timeout_s)
+
         def sync(engines: list[Any], version: int, canary: pa.Table | None = None,
                  iteration: int | None = None) -> dict[str, float]:
             return sync_weights(learner, engines, version, cfg.sync, transport, canary, expected_tensors, iteration)
+
+        def resync(engine: Any, version: int) -> None:
+            """A replacement engine: load version ``version`` (collective: the group is formed anew with it, and a
+            broadcast reaches every member)."""
+            if transport == "collective":
+                form_weight_group(learner, pool.engines, cfg.sync.timeout_s)
+                sync(pool.engines, version)
+            else:
+                sync([engine], version)
 
         start, reward_state, restored_row = 0, None, None
         if committed is not None:
@@ -128,7 +140,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             with timed(timings, "generate"):
                 prompts = dataset.next_batch()
                 seeds = seeds_for(cfg.seed, it, [p.prompt_id for p in prompts])
-                batch = pool.generate(prompts, it, seeds, resync=lambda e, i, v=it: sync([e], v))
+                batch = pool.generate(prompts, it, seeds, resync=lambda e, i, v=it: resync(e, v))
                 validate_versions(batch, it)
                 refs_by_id = {p.prompt_id: p.reference for p in prompts}
                 batch = add_column(batch, "reference", [refs_by_id[i] for i in batch.column("prompt_id").to_pylist()])

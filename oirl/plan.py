@@ -41,7 +41,7 @@ def placement_plan(cfg: Any) -> list[RolePlan]:
     return [
         RolePlan("rollout", cfg.rollout.num_engines, cfg.rollout.num_cpus, cfg.rollout.num_gpus, "rollout"),
         RolePlan("learner", cfg.learner.num_ranks, cfg.learner.num_cpus, cfg.learner.num_gpus, "learner"),
-        RolePlan("reward", 1, cfg.reward.num_cpus, 0.0, "reward"),
+        RolePlan("reward", 1, cfg.reward.num_cpus, cfg.reward.num_gpus, "reward"),
     ]
 
 

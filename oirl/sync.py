@@ -1,8 +1,9 @@
 """Weight sync, driver side: learner publishes version k+1, every engine loads it, then it is verified.
 
 1. export: learner rank 0 packs the policy into buckets (ZeRO-3 gathers first) and computes the fingerprint.
-2. load: every engine fetches the buckets, recomputes the fingerprint, reloads in place through vLLM's reload
-   path, resets its prefix cache (all engines at once; one wait with a timeout).
+2. load: every engine fetches the buckets (shm file, Ray object, or learner rank 0's broadcast over the collective
+   group), its worker hashes and reloads them in place through vLLM's reload path, the prefix cache is reset (all
+   engines at once; one wait with a timeout).
 3. verify: each engine's worker reports the version it serves and the fingerprint it computed itself from the
    bytes it loaded; the published tensors are checked against the model checkpoint on disk (names and shapes: a
    dropped or renamed tensor fails); a canary compares engine logprobs with learner logprobs on the same tokens
@@ -31,17 +32,34 @@ class SyncError(RuntimeError):
 
 
 def choose_transport(requested: str, learner_node: str, engine_nodes: list[str]) -> str:
+    """'auto': shm when every engine shares learner rank 0's node (one memcpy each side), else the collective
+    broadcast (the cluster path: NCCL between GPUs, gloo between CPU nodes)."""
     if requested != "auto":
         if requested == "shm" and any(n != learner_node for n in engine_nodes):
             raise SyncError("sync.transport=shm needs every engine on learner rank 0's node; "
-                            "use sync.transport=object_store (or auto) on multi-node clusters")
+                            "use sync.transport=collective (or auto) on multi-node clusters")
         return requested
-    return "shm" if all(n == learner_node for n in engine_nodes) else "object_store"
+    return "shm" if all(n == learner_node for n in engine_nodes) else "collective"
 
 
-def _wait(refs: list[Any], timeout: float, what: str) -> list[Any]:
+def form_weight_group(learner: Any, engines: list[Any], timeout_s: float) -> None:
+    """The collective transport's group: learner rank 0 hosts it as rank 0, engine i's worker joins as rank i+1.
+    Formed at start and again whenever an engine is replaced (a broadcast needs every member)."""
+    ip, port = learner.call_rank0("master_address")
+    world = len(engines) + 1
+    refs = learner.submit("join_weight_group", ip, port, world, timeout_s)
+    refs += [e.join_weight_group.remote(ip, port, i + 1, world, timeout_s) for i, e in enumerate(engines)]
+    names = [f"learner rank {r}" for r in range(len(refs) - len(engines))] + [f"engine {i}" for i in range(len(engines))]
     try:
-        return get_all(refs, timeout, what, [f"engine {i}" for i in range(len(refs))])
+        get_all(refs, timeout_s, "forming the weight-broadcast group", names)
+    except (RemoteError, TimeoutError) as e:
+        raise SyncError(f"{e} (sync.timeout_s={timeout_s})") from e
+
+
+def _wait(refs: list[Any], timeout: float, what: str, names: list[str] | None = None) -> list[Any]:
+    names = names or [f"engine {i}" for i in range(len(refs))]
+    try:
+        return get_all(refs, timeout, what, names)
     except (RemoteError, TimeoutError) as e:
         raise SyncError(f"{e} (sync.timeout_s={timeout})") from e
 
@@ -103,8 +121,12 @@ def sync_weights(learner: Any, engines: list[Any], version: int, cfg: Any, trans
         expected_bytes = check_against_checkpoint(update, expected)
         if iteration is not None:
             faults.point("sync", iteration)
-        loads = _wait([e.load_weights.remote(update, cfg.timeout_s) for e in engines], cfg.timeout_s,
-                      f"loading version {version}")
+        refs = [e.load_weights.remote(update, cfg.timeout_s) for e in engines]
+        names = [f"engine {i}" for i in range(len(engines))]
+        if transport == "collective":  # the engines wait in the broadcast that learner rank 0 now starts
+            bcast = learner.submit("broadcast_weights", version, cfg.timeout_s)
+            refs, names = refs + bcast, names + [f"learner rank {r}" for r in range(len(bcast))]
+        loads = _wait(refs, cfg.timeout_s, f"loading version {version}", names)[: len(engines)]
         t_load = time.perf_counter()
         served = _wait([e.served.remote() for e in engines], cfg.timeout_s, "served-version check")
     finally:

@@ -192,3 +192,37 @@ def _unlink(path: str, removed: list[str]) -> None:
         removed.append(path)
     except FileNotFoundError:  # another rank on this node cleaned it first
         pass
+
+
+# ---- collective transport -----------------------------------------------------------------------------------------
+# Learner rank 0 (rank 0 of this group, hosting its TCPStore) and every engine's worker (ranks 1..N) form one
+# torch.distributed process group of their own, separate from DeepSpeed's group on the learner and vLLM's inside the
+# engine: gloo on CPU, NCCL on GPU. Buckets are broadcast from rank 0, one collective per bucket, each with a timeout.
+
+
+def join_weight_group(master_ip: str, master_port: int, rank: int, world: int, device: torch.device,
+                      timeout_s: float) -> tuple[Any, Any]:
+    """Join (rank 0: host) the weight-broadcast group; returns (process group, store) — keep both alive."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_ip, master_port, world, rank == 0, timeout=timeout)
+    prefixed = dist.PrefixStore("oirl-weights", store)
+    if device.type == "cuda":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, world, opts), store
+    return dist.ProcessGroupGloo(prefixed, rank, world, timeout), store
+
+
+def broadcast_bucket(group: Any, tensor: torch.Tensor, timeout_s: float) -> None:
+    """One bucket from rank 0 to every member, in place; raises when it does not complete within timeout_s."""
+    import datetime
+
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor], opts).wait(datetime.timedelta(seconds=timeout_s))

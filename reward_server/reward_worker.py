@@ -73,6 +73,10 @@ class RewardConfig:
     """Normalise the combined reward with a running mean/std (over every batch scored so far)."""
     clip: float = 0.0
     """Clip the final reward to [-clip, clip] (0 = off)."""
+    num_gpus: float = 0.0
+    """Ray GPUs for the reward actor; with one, the learned reward model runs on it."""
+    model_dtype: str = "float32"
+    """dtype of the learned reward model: float32, or bfloat16 (on a GPU: half the memory, faster)."""
     num_cpus: float = 0.0
     """Ray CPUs reserved for the reward actor."""
     max_restarts: int = 1
@@ -179,8 +183,9 @@ class RewardWorker:
             torch.set_num_threads(max(1, int(cfg.num_cpus)) if cfg.num_cpus >= 1 else (os.cpu_count() or 1))
 
             self.rm_tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32,
-                                                                            local_files_only=True)
+            self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, dtype=getattr(torch, cfg.model_dtype), local_files_only=True).to(self.device)
             self.model.eval()
             if self.model.config.num_labels != 1:
                 raise ValueError(f"reward.model_path={cfg.model_path!r} has {self.model.config.num_labels} labels; "
@@ -217,7 +222,8 @@ class RewardWorker:
                                     responses[s: s + self.cfg.model_batch_size], truncation=True,
                                     max_length=self.cfg.model_max_tokens, padding=True, return_tensors="pt")
             with torch.no_grad():
-                out.append(self.model(**enc).logits[:, 0].double().numpy())
+                logits = self.model(**enc.to(self.device)).logits
+            out.append(logits[:, 0].double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
     def _remote(self, prompts: list[str], responses: list[str], references: list[str]) -> np.ndarray:
@@ -320,6 +326,6 @@ def spawn_reward_actor(cfg: RewardConfig, tokenizer_path: str, name: str | None 
     import ray
 
     return ray.remote(RewardWorker).options(
-        num_cpus=cfg.num_cpus, resources=resources or {}, name=name, max_restarts=cfg.max_restarts,
+        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=resources or {}, name=name, max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_restarts,
     ).remote(cfg, tokenizer_path)

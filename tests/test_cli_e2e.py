@@ -192,6 +192,23 @@ def test_actor_faults_recover_or_fail_clearly(tmp_path):
             assert got[key] == pytest.approx(want[key], abs=1e-6), (got["iteration"], key)
 
 
+@pytest.mark.slow
+@requires_loopback
+def test_collective_transport_with_two_engines(tmp_path):
+    """Learner rank 0 broadcasts every version over a gloo group it forms with both engines' workers; each worker
+    hashes what it received, and the usual on-policy checks hold."""
+    out = tmp_path / "collective"
+    proc = run_cli(out, "iterations=3", "checkpoint_every=0", "sync.transport=collective", "rollout.num_engines=2")
+    assert "2 engines, 2 learner ranks (ZeRO-2), weight transport collective" in proc.stderr
+    rows = metrics(out)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["rollout/policy_version_min"] == r["rollout/policy_version_max"] == r["iteration"]
+        assert r["rollout/engine_learner_logprob_frac_over_tol"] == 0.0
+        assert r["sync/bytes"] == r["sync/expected_bytes"] and r["sync/gbps"] > 0
+        assert r["sync/logprob_max_abs_diff"] < 1e-3
+
+
 def test_missing_reward_model_fails_at_start_naming_the_field(tmp_path):
     t0 = time.time()
     proc = subprocess.run([*oirl_cmd(), "train", "--config", SMOKE, "--out", str(tmp_path),

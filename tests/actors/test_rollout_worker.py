@@ -13,7 +13,7 @@ from actors.rollout_worker import RolloutConfig, RolloutWorker, SyncConfig
 from learner.group import LearnerGroup
 from learner.learner_worker import LearnerConfig
 from oirl.batch import ROLLOUT_SCHEMA, add_column
-from oirl.sync import OnPolicyError, SyncError, canary_check, check_on_policy, sync_weights
+from oirl.sync import OnPolicyError, SyncError, canary_check, check_on_policy, form_weight_group, sync_weights
 from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets
 from tests.actors.corrupting_worker import CorruptingRolloutWorker
 
@@ -58,9 +58,11 @@ def test_generate_returns_tagged_rollout_rows(setup):
         generate(engine, 5)
 
 
-@pytest.mark.parametrize("transport, version", [("shm", 1), ("object_store", 2)])
+@pytest.mark.parametrize("transport, version", [("shm", 1), ("object_store", 2), ("collective", 3)])
 def test_sync_then_engine_matches_learner(setup, transport, version):
     engine, learner = setup
+    if transport == "collective":  # learner rank 0 + the engine's worker: one gloo group of their own
+        form_weight_group(learner, [engine], timeout_s=120)
     batch = generate(engine, version - 1)
     rewards = np.array([len(x) % 3 for x in batch.column("response_token_ids").to_pylist()], dtype=np.float32)
     learner.call_rank0("prepare", add_column(batch, "reward", rewards), version - 1)
@@ -147,7 +149,8 @@ def test_multiprocess_engine_receives_weights_over_vllm_rpc(setup, tiny_model_pa
     engine = ray.remote(RolloutWorker).options(num_cpus=0.5).remote(rcfg, tiny_model_path, "float32", 0, 1)
     try:
         batch = ray.get(engine.generate.remote([0], [PROMPTS[0]], 0), timeout=300)
-        for version, transport in ((1, "shm"), (2, "object_store")):
+        form_weight_group(learner, [engine], timeout_s=120)  # joined from inside vLLM's worker process
+        for version, transport in ((1, "shm"), (2, "object_store"), (3, "collective")):
             stats = sync_weights(learner, [engine], version, SyncConfig(bucket_mb=1), transport, batch)
             assert stats["sync/logprob_max_abs_diff"] < 1e-3
             assert ray.get(engine.served.remote(), timeout=60)["workers"][0]["version"] == version

@@ -1,6 +1,8 @@
 """Scale-out without GPUs: Ray's cluster utilities build a multi-node cluster shaped like deploy/kuberay/
 raycluster.yaml (fake GPUs, the oirl_<group> custom resources), and the placement plan of configs/gpu.yaml is placed
-on it with the driver's own actor options. The actors start and report where they landed; they do no real work."""
+on it with the driver's own actor options: the actors start and report where they landed. Then a real learner rank
+on a learner node and a real vLLM engine on a rollout node (CPU: the GPUs are fake) sync weights across the nodes
+over the collective transport, which is what `auto` picks there."""
 
 import pytest
 import ray
@@ -38,7 +40,7 @@ def cluster():
                               resources={f"oirl_{g['groupName']}": 1000})
             groups.setdefault(g["groupName"], []).append(node.node_id)
     c.wait_for_nodes()
-    ray.init(address=c.address)
+    ray.init(address=c.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     yield groups
     ray.shutdown()
     c.shutdown()
@@ -76,3 +78,33 @@ def test_a_plan_larger_than_the_cluster_is_not_placed(cluster):
     with pytest.raises(ray.exceptions.GetTimeoutError):
         ray.get(pg.ready(), timeout=5)
     ray.util.remove_placement_group(pg)
+
+
+def test_collective_sync_crosses_nodes(cluster, tiny_model_path):
+    from actors.rollout_worker import RolloutConfig, RolloutWorker, SyncConfig
+    from learner.group import LearnerGroup
+    from learner.learner_worker import LearnerConfig
+    from oirl.sync import checkpoint_tensors, choose_transport, form_weight_group, sync_weights
+
+    learner = LearnerGroup(LearnerConfig(num_ranks=1, num_cpus=1, timeout_s=300), tiny_model_path, "float32", 0, 1.0,
+                           "xnode", micro_batch=2, resources={"oirl_learner": 1})
+    engine = ray.remote(RolloutWorker).options(num_cpus=1, resources={"oirl_rollout": 1}).remote(
+        RolloutConfig(samples_per_prompt=2, max_new_tokens=6), tiny_model_path, "float32", 0, 0)
+    try:
+        learner_node, engine_node = learner.call_rank0("node_id"), ray.get(engine.node_id.remote(), timeout=300)
+        assert learner_node in cluster["learner"] and engine_node in cluster["rollout"]
+        transport = choose_transport("auto", learner_node, [engine_node])
+        assert transport == "collective"
+        batch = ray.get(engine.generate.remote([0, 1], [[1, 40, 41], [1, 50]], 0), timeout=300)
+        form_weight_group(learner, [engine], timeout_s=120)
+        for version in (1, 2):
+            stats = sync_weights(learner, [engine], version, SyncConfig(bucket_mb=1), transport, batch,
+                                 checkpoint_tensors(tiny_model_path))
+            assert stats["sync/bytes"] == stats["sync/expected_bytes"] > 0
+            assert stats["sync/logprob_max_abs_diff"] < 1e-3
+            served = ray.get(engine.served.remote(), timeout=60)["workers"][0]
+            assert served["version"] == version
+    finally:
+        ray.get(engine.shutdown.remote(), timeout=60)
+        ray.kill(engine)
+        learner.shutdown()
