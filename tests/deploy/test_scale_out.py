@@ -55,11 +55,16 @@ def test_gpu_plan_places_every_role_on_its_group(cluster):
     ray.get(pg.ready(), timeout=60)
     ranks = [Probe.options(**actor_options(cfg, "learner"), scheduling_strategy=PlacementGroupSchedulingStrategy(
         pg, placement_group_bundle_index=i)).remote() for i in range(plan["learner"].count)]
-    where = {
-        "rollout": ray.get([e.where.remote() for e in engines], timeout=60),
-        "learner": ray.get([r.where.remote() for r in ranks], timeout=60),
-        "reward": ray.get([reward.where.remote()], timeout=60),
-    }
+    try:
+        where = {
+            "rollout": ray.get([e.where.remote() for e in engines], timeout=60),
+            "learner": ray.get([r.where.remote() for r in ranks], timeout=60),
+            "reward": ray.get([reward.where.remote()], timeout=60),
+        }
+    finally:  # free the nodes for the next test
+        for actor in [*engines, *ranks, reward]:
+            ray.kill(actor)
+        ray.util.remove_placement_group(pg)
     for role, placed in where.items():
         assert {node for node, _ in placed} <= set(cluster[role]), f"{role} placed outside its worker group"
     # One GPU per engine and per rank, no GPU shared between two actors on a node.
@@ -86,7 +91,7 @@ def test_collective_sync_crosses_nodes(cluster, tiny_model_path):
     from learner.learner_worker import LearnerConfig
     from oirl.sync import checkpoint_tensors, choose_transport, form_weight_group, sync_weights
 
-    learner = LearnerGroup(LearnerConfig(num_ranks=1, num_cpus=1, timeout_s=300), tiny_model_path, "float32", 0, 1.0,
+    learner = LearnerGroup(LearnerConfig(num_ranks=1, num_cpus=1, timeout_s=120), tiny_model_path, "float32", 0, 1.0,
                            "xnode", micro_batch=2, resources={"oirl_learner": 1})
     engine = ray.remote(RolloutWorker).options(num_cpus=1, resources={"oirl_rollout": 1}).remote(
         RolloutConfig(samples_per_prompt=2, max_new_tokens=6), tiny_model_path, "float32", 0, 0)
