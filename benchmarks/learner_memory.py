@@ -9,7 +9,8 @@ process, one after the other:
 - ``chunked+ref_bf16``, ``chunked+grad_ckpt``: the options for larger models.
 
 A rank is built in-process (world size 1, gloo), exactly the class the Ray actor runs. Memory is the process's RSS
-sampled every 5 ms; reported as the peak during the phase minus the RSS just before it. Writes
+sampled every 5 ms; reported as the peak during the phase minus the RSS just before it, for the second iteration
+(``first_*``: the first, whose update also allocates the optimizer state) and as the process's peak RSS. Writes
 benchmarks/results/learner_memory.json.
 
     python benchmarks/learner_memory.py [--variants before chunked ...]
@@ -90,14 +91,16 @@ def worker(code: str, variant: str, out: str) -> None:
                                [[-1.0] * RESPONSE for _ in range(ROWS)], ["length"] * ROWS, 0)
     batch = add_column(batch, "reward", rng.normal(size=ROWS).astype(np.float32))
     result = {"variant": variant, "code": code, "setup_s": setup_s}
-    for phase, call in (("prepare", lambda: rank.prepare(batch, 0)), ("update", rank.update)):
-        t0 = time.perf_counter()
-        with PeakRSS() as m:
-            call()
-        result[f"{phase}_s"] = time.perf_counter() - t0
-        result[f"{phase}_rss_before_bytes"] = m.start
-        result[f"{phase}_peak_extra_bytes"] = m.peak - m.start
-        result[f"{phase}_peak_rss_bytes"] = m.peak
+    # Two iterations: the first update also allocates the optimizer state; the second shows the steady state.
+    for it, prefix in ((0, "first_"), (1, "")):
+        for phase, call in (("prepare", lambda it=it: rank.prepare(batch, it)), ("update", rank.update)):
+            t0 = time.perf_counter()
+            with PeakRSS() as m:
+                call()
+            result[f"{prefix}{phase}_s"] = time.perf_counter() - t0
+            result[f"{prefix}{phase}_rss_before_bytes"] = m.start
+            result[f"{prefix}{phase}_peak_extra_bytes"] = m.peak - m.start
+            result[f"{prefix}{phase}_peak_rss_bytes"] = m.peak
     Path(out).write_text(json.dumps(result))
 
 
@@ -128,7 +131,7 @@ def main() -> int:
                 r = results[-1]
                 print(f"{variant:20s} prepare +{r['prepare_peak_extra_bytes'] / 2**20:7.0f} MiB in "
                       f"{r['prepare_s']:5.1f}s   update +{r['update_peak_extra_bytes'] / 2**20:7.0f} MiB in "
-                      f"{r['update_s']:5.1f}s", flush=True)
+                      f"{r['update_s']:5.1f}s   peak RSS {r['update_peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
         finally:
             if "before" in args.variants:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], check=False)

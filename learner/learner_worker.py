@@ -243,8 +243,9 @@ class LearnerWorker:
                 out = model_fn(d["input_ids"][sl, :t_len], d["attention_mask"][sl, :t_len],
                                d["resp_index"][sl].clamp(max=t_len - 1))
                 logits, vals = out if isinstance(out, tuple) else (out, None)
-                lps.append(ppo.logprobs_from_logits(logits, d["resp_ids"][sl]))
-                ents.append(ppo.entropy_from_logits(logits))
+                lp, ent = ppo.logprobs_and_entropy(logits, d["resp_ids"][sl])
+                lps.append(lp)
+                ents.append(ent)
                 if vals is not None:
                     values.append(vals)
                 del out, logits

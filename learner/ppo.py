@@ -66,6 +66,12 @@ def logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tenso
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
+def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, R, V], ids [B, R] -> (log p(ids) [B, R], entropy [B, R]) from one log-softmax."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, R, V] -> entropy [B, R]."""
     logp = torch.log_softmax(logits.float(), dim=-1)
