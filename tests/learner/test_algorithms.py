@@ -1,0 +1,337 @@
+"""Critic-free advantage estimators and loss pieces: hand-computed cases, plain-loop second implementations on random
+ragged batches with interleaved groups, and the whole path on the ``meta`` device (no tensor created off the inputs'
+device)."""
+
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from learner import ppo
+from learner.algorithms import (
+    aggregate,
+    group_index,
+    grpo_advantages,
+    kl_loss_k3,
+    masked_moments,
+    reinforce_pp_advantages,
+    reinforce_pp_returns,
+    rloo_advantages,
+    truncated_importance_weights,
+    whiten_by_moments,
+)
+
+META = torch.device("meta")
+
+
+def ragged_mask(lengths, r_max=None):
+    r_max = r_max or max(lengths)
+    mask = torch.zeros(len(lengths), r_max)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1.0
+    return mask
+
+
+def per_sequence(adv, mask):
+    """[B, R] advantages that must be constant over each row's valid tokens and 0 on padding -> [B]."""
+    for i in range(adv.shape[0]):
+        n = int(mask[i].sum())
+        assert torch.all(adv[i, n:] == 0), f"row {i}: non-zero advantage on padding"
+        if n:
+            assert torch.all(adv[i, :n] == adv[i, 0]), f"row {i}: advantage differs across tokens"
+    return adv[:, 0]
+
+
+# ---- second implementations: scalar Python loops over a dict of groups ----
+
+def groups_of(group_ids):
+    out = {}
+    for i, g in enumerate(group_ids):
+        out.setdefault(g, []).append(i)
+    return out
+
+
+def grpo_plain(rewards, group_ids, scale_by_std, eps):
+    adv = [0.0] * len(rewards)
+    for members in groups_of(group_ids).values():
+        rs = [rewards[i] for i in members]
+        if len(set(rs)) == 1:
+            continue
+        mean, std = statistics.fmean(rs), statistics.pstdev(rs)
+        for i in members:
+            adv[i] = (rewards[i] - mean) / (std + eps) if scale_by_std else rewards[i] - mean
+    return adv
+
+
+def rloo_plain(rewards, group_ids):
+    adv = [0.0] * len(rewards)
+    for members in groups_of(group_ids).values():
+        if len(members) < 2:
+            continue
+        for i in members:
+            others = [rewards[j] for j in members if j != i]
+            adv[i] = rewards[i] - sum(others) / len(others)
+    return adv
+
+
+def returns_plain(score, kl, kl_coef, gamma):
+    """One unpadded sequence: per-token reward -kl_coef*kl, score added on the last token, discounted return-to-go."""
+    r = [-kl_coef * k for k in kl]
+    r[-1] += score
+    out, running = [0.0] * len(r), 0.0
+    for t in reversed(range(len(r))):
+        running = r[t] + gamma * running
+        out[t] = running
+    return out
+
+
+# ---- GRPO ----
+
+def test_grpo_group_of_four_hand_computed():
+    # rewards 1, 2, 3, 6: mean 3, deviations -2, -1, 0, 3; population variance (4+1+0+9)/4 = 3.5.
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    mask = ragged_mask([3, 1, 2, 4])
+    adv = per_sequence(grpo_advantages(rewards, torch.tensor([5, 5, 5, 5]), mask, eps=0.0), mask)
+    s = math.sqrt(3.5)  # 1.8708
+    np.testing.assert_allclose(adv.numpy(), [-2 / s, -1 / s, 0.0, 3 / s], rtol=1e-6)
+    np.testing.assert_allclose(adv.numpy(), [-1.069045, -0.534522, 0.0, 1.603567], rtol=1e-5)
+    # Dr. GRPO: no division by the std.
+    drgrpo = per_sequence(grpo_advantages(rewards, torch.tensor([5, 5, 5, 5]), mask, scale_by_std=False), mask)
+    np.testing.assert_allclose(drgrpo.numpy(), [-2.0, -1.0, 0.0, 3.0], rtol=1e-6)
+    # eps sits beside the std: 3 / (sqrt(3.5) + 0.5) = 1.265...
+    eps_adv = per_sequence(grpo_advantages(rewards, torch.tensor([5, 5, 5, 5]), mask, eps=0.5), mask)
+    np.testing.assert_allclose(eps_adv[3].item(), 3 / (s + 0.5), rtol=1e-6)
+
+
+def test_grpo_interleaved_groups_singleton_and_constant_group():
+    # group 7 at rows 0, 2, 5, 6 has rewards 1, 2, 3, 6 (as above); group -3 at rows 1, 3, 4, 7 has 0, 0, 0, 1:
+    #   mean 1/4, deviations -1/4 x3 and 3/4, variance (3/16 + 9/16)/4 = 3/16, std sqrt(3)/4
+    #   -> -1/sqrt(3) x3 and sqrt(3);
+    # group 42 (row 8) is alone -> 0; group 9 (rows 9, 10, 11) has three rewards of 0.1 -> exactly 0, although
+    # 0.1 + 0.1 + 0.1 rounds, so r - mean is not exactly 0 in float32.
+    rewards = torch.tensor([1.0, 0.0, 2.0, 0.0, 0.0, 3.0, 6.0, 1.0, 5.0, 0.1, 0.1, 0.1])
+    groups = torch.tensor([7, -3, 7, -3, -3, 7, 7, -3, 42, 9, 9, 9])
+    mask = ragged_mask([2, 3, 1, 4, 4, 2, 1, 3, 2, 1, 2, 3])
+    adv = per_sequence(grpo_advantages(rewards, groups, mask, eps=0.0), mask)
+    s, r3 = math.sqrt(3.5), math.sqrt(3.0)
+    expected = [-2 / s, -1 / r3, -1 / s, -1 / r3, -1 / r3, 0.0, 3 / s, r3, 0.0, 0.0, 0.0, 0.0]
+    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-5, atol=1e-7)
+    assert torch.all(adv[8:] == 0)
+
+
+def test_group_index_is_dense_and_order_free():
+    idx = group_index(torch.tensor([40, -2, 40, 7, -2, 1000]))
+    # sorted distinct ids -2, 7, 40, 1000 -> 0, 1, 2, 3
+    assert idx.tolist() == [2, 0, 2, 1, 0, 3]
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_grpo_matches_plain_loop_on_random_interleaved_batch(scale_by_std):
+    g = torch.Generator().manual_seed(0)
+    b = 37
+    rewards = torch.randn(b, generator=g, dtype=torch.float64)
+    rewards[:6] = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # some binary rewards too
+    groups = torch.randint(0, 9, (b,), generator=g)  # shuffled, uneven sizes, likely some singletons
+    lengths = torch.randint(0, 6, (b,), generator=g).tolist()
+    mask = ragged_mask(lengths, 6).double()
+    adv = grpo_advantages(rewards, groups, mask, scale_by_std=scale_by_std, eps=1e-6)
+    ref = grpo_plain(rewards.tolist(), groups.tolist(), scale_by_std, 1e-6)
+    np.testing.assert_allclose(adv.numpy(), (torch.tensor(ref, dtype=torch.float64)[:, None] * mask).numpy(),
+                               rtol=1e-10, atol=1e-12)
+    assert torch.all(adv[mask == 0] == 0)
+
+
+# ---- RLOO ----
+
+def test_rloo_group_of_four_hand_computed():
+    # rewards 1, 2, 3, 6; baseline = mean of the other three:
+    #   1 - (2+3+6)/3 = -8/3;  2 - (1+3+6)/3 = -4/3;  3 - (1+2+6)/3 = 0;  6 - (1+2+3)/3 = 4
+    # (= 4/3 * (r - 3), the k/(k-1) scaled mean-centred reward).
+    mask = ragged_mask([1, 3, 2, 2])
+    adv = per_sequence(rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([0, 0, 0, 0]), mask), mask)
+    np.testing.assert_allclose(adv.numpy(), [-8 / 3, -4 / 3, 0.0, 4.0], rtol=1e-6, atol=1e-6)
+
+
+def test_rloo_interleaved_groups_and_singleton():
+    # group 11 at rows 3, 0, 5, 1 (rewards 6, 1, 3, 2 -> 4, -8/3, 0, -4/3); group 2 at rows 2, 4 with rewards 1, 0
+    # -> 1 - 0 = 1 and 0 - 1 = -1; group 8 (row 6) alone -> 0.
+    rewards = torch.tensor([1.0, 2.0, 1.0, 6.0, 0.0, 3.0, 9.0])
+    groups = torch.tensor([11, 11, 2, 11, 2, 11, 8])
+    mask = ragged_mask([2, 1, 3, 2, 1, 2, 2])
+    adv = per_sequence(rloo_advantages(rewards, groups, mask), mask)
+    np.testing.assert_allclose(adv.numpy(), [-8 / 3, -4 / 3, 1.0, 4.0, -1.0, 0.0, 0.0], rtol=1e-6, atol=1e-6)
+
+
+def test_rloo_matches_plain_loop_on_random_interleaved_batch():
+    g = torch.Generator().manual_seed(1)
+    b = 41
+    rewards = torch.randn(b, generator=g, dtype=torch.float64)
+    groups = torch.randint(-5, 6, (b,), generator=g)
+    mask = ragged_mask(torch.randint(0, 5, (b,), generator=g).tolist(), 5).double()
+    adv = rloo_advantages(rewards, groups, mask)
+    ref = torch.tensor(rloo_plain(rewards.tolist(), groups.tolist()), dtype=torch.float64)
+    np.testing.assert_allclose(adv.numpy(), (ref[:, None] * mask).numpy(), rtol=1e-10, atol=1e-12)
+
+
+# ---- REINFORCE++ ----
+
+def test_reinforce_pp_returns_hand_computed():
+    # Row 0: 3 tokens, kl 0.1, 0.2, 0.3, kl_coef 0.5, score 1 -> token rewards -0.05, -0.1, -0.15 + 1 = 0.85.
+    #   gamma 1:   returns 0.7, 0.75, 0.85
+    #   gamma 0.5: G2 = 0.85, G1 = -0.1 + 0.5*0.85 = 0.325, G0 = -0.05 + 0.5*0.325 = 0.1125
+    # Row 1: 1 token, kl 0.2, score -1 -> -1 - 0.1 = -1.1; the garbage kl on its padding must not leak in.
+    score = torch.tensor([1.0, -1.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.2, 50.0, 50.0]])
+    mask = ragged_mask([3, 1])
+    np.testing.assert_allclose(reinforce_pp_returns(score, kl, mask, 0.5).numpy(),
+                               [[0.7, 0.75, 0.85], [-1.1, 0.0, 0.0]], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(reinforce_pp_returns(score, kl, mask, 0.5, gamma=0.5).numpy(),
+                               [[0.1125, 0.325, 0.85], [-1.1, 0.0, 0.0]], rtol=1e-6, atol=1e-7)
+
+
+def test_reinforce_pp_group_of_four_hand_computed():
+    # Four one-token responses, no KL: returns = rewards 1, 2, 3, 6, normalised over the 4 valid tokens:
+    # mean 3, variance 3.5 -> (-2, -1, 0, 3) / sqrt(3.5 + 1e-8). The padding (row 0 has a 2nd, masked slot) is 0.
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    adv = reinforce_pp_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.zeros(4, 2), mask, kl_coef=0.1)
+    s = math.sqrt(3.5 + 1e-8)
+    np.testing.assert_allclose(adv.numpy(), [[-2 / s, 0], [-1 / s, 0], [0, 0], [3 / s, 0]], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reinforce_pp_matches_plain_loop_and_is_globally_normalised(gamma):
+    g = torch.Generator().manual_seed(2)
+    lengths = [5, 1, 3, 7, 2, 6]
+    mask = ragged_mask(lengths, 8).double()
+    score = torch.randn(len(lengths), generator=g, dtype=torch.float64)
+    kl = torch.rand(len(lengths), 8, generator=g, dtype=torch.float64)
+    kl = kl * mask + (1 - mask) * 1e3  # garbage on padding
+    ret = reinforce_pp_returns(score, kl, mask, 0.2, gamma)
+    flat = []
+    for i, n in enumerate(lengths):
+        ref = returns_plain(score[i].item(), kl[i, :n].tolist(), 0.2, gamma)
+        np.testing.assert_allclose(ret[i, :n].numpy(), ref, rtol=1e-10, atol=1e-12)
+        assert torch.all(ret[i, n:] == 0)
+        flat += ref
+    adv = reinforce_pp_advantages(score, kl, mask, 0.2, gamma)
+    mean, std = statistics.fmean(flat), statistics.pstdev(flat)
+    for i, n in enumerate(lengths):
+        ref = [(x - mean) / math.sqrt(std**2 + 1e-8) for x in flat[sum(lengths[:i]): sum(lengths[:i]) + n]]
+        np.testing.assert_allclose(adv[i, :n].numpy(), ref, rtol=1e-8, atol=1e-10)
+        assert torch.all(adv[i, n:] == 0)
+    # Two "ranks" holding rows 0::2 and 1::2: summed moments normalise each shard as the whole batch would be.
+    moments = masked_moments(ret[0::2], mask[0::2]) + masked_moments(ret[1::2], mask[1::2])
+    np.testing.assert_allclose(moments.numpy(), [sum(lengths), sum(flat), sum(x * x for x in flat)], rtol=1e-10)
+    np.testing.assert_allclose(whiten_by_moments(ret[1::2], mask[1::2], moments).numpy(), adv[1::2].numpy(),
+                               rtol=1e-8, atol=1e-10)
+    # ... and agrees with ppo.masked_whiten, the float path the learner already uses for PPO.
+    m = moments[1].item() / moments[0].item()
+    old = ppo.masked_whiten(ret, mask, m, moments[2].item() / moments[0].item() - m * m)
+    np.testing.assert_allclose(old.numpy(), adv.numpy(), rtol=1e-8, atol=1e-10)
+
+
+# ---- losses ----
+
+def aggregation_case():
+    # row 0: tokens 1, 2, 3 (+ a masked 100); row 1: token 4; row 2: empty response (all masked).
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 100.0, 100.0, 100.0], [100.0] * 4])
+    return per_token, ragged_mask([3, 1, 0], 4)
+
+
+def test_aggregate_modes_hand_computed():
+    x, mask = aggregation_case()
+    # token_mean: (1+2+3+4)/4 valid tokens = 2.5; with a given (e.g. global/world) token count 8: 10/8.
+    assert aggregate(x, mask, "token_mean").item() == pytest.approx(2.5)
+    assert aggregate(x, mask, "token_mean", denominator=8.0).item() == pytest.approx(1.25)
+    # seq_mean_token_mean: per-sequence means 2 and 4 over the 2 non-empty rows -> 3; denominator 4 -> 6/4.
+    assert aggregate(x, mask, "seq_mean_token_mean").item() == pytest.approx(3.0)
+    assert aggregate(x, mask, "seq_mean_token_mean", denominator=4).item() == pytest.approx(1.5)
+    # seq_mean_token_sum with token_norm 4 (Dr. GRPO): (6/4 + 4/4) / 2 = 1.25; denominator 5 -> 2.5/5.
+    assert aggregate(x, mask, "seq_mean_token_sum", token_norm=4).item() == pytest.approx(1.25)
+    assert aggregate(x, mask, "seq_mean_token_sum", 5.0, token_norm=4).item() == pytest.approx(0.5)
+
+
+def test_aggregate_weights_tokens_differently():
+    # Gradient per token: token_mean gives every token 1/4; seq_mean_token_mean gives row 0's tokens 1/(3*2)
+    # and row 1's token 1/(1*2); the Dr. GRPO constant gives every token 1/(4*2). Padding gets nothing.
+    _, mask = aggregation_case()
+    expected = {
+        "token_mean": [[1 / 4] * 3 + [0], [1 / 4, 0, 0, 0], [0] * 4],
+        "seq_mean_token_mean": [[1 / 6] * 3 + [0], [1 / 2, 0, 0, 0], [0] * 4],
+        "seq_mean_token_sum": [[1 / 8] * 3 + [0], [1 / 8, 0, 0, 0], [0] * 4],
+    }
+    for mode, grad in expected.items():
+        x = aggregation_case()[0].requires_grad_(True)
+        aggregate(x, mask, mode, token_norm=4).backward()
+        np.testing.assert_allclose(x.grad.numpy(), grad, rtol=1e-6, err_msg=mode)
+
+
+def test_aggregate_rejects_missing_token_norm_and_unknown_mode():
+    x, mask = aggregation_case()
+    with pytest.raises(ValueError, match="token_norm"):
+        aggregate(x, mask, "seq_mean_token_sum")
+    with pytest.raises(ValueError, match="token_mean"):
+        aggregate(x, mask, "sequence_mean")
+
+
+def test_kl_loss_k3_value_and_gradient():
+    # pi = 0.5, ref = 0.25: ref/pi = 0.5 -> k3 = 0.5 - ln 0.5 - 1 = 0.193147; d/dlogp = 1 - ref/pi = 0.5.
+    # pi = ref -> 0 with gradient 0; pi = 0.25, ref = 0.5: ref/pi = 2 -> 2 - ln 2 - 1 = 0.306853, grad 1 - 2 = -1.
+    logp = torch.log(torch.tensor([0.5, 0.3, 0.25])).requires_grad_(True)
+    ref = torch.log(torch.tensor([0.25, 0.3, 0.5])).requires_grad_(True)
+    loss = kl_loss_k3(logp, ref)
+    np.testing.assert_allclose(loss.detach().numpy(), [0.5 + math.log(2) - 1, 0.0, 1 - math.log(2)],
+                               rtol=1e-5, atol=1e-7)
+    loss.sum().backward()
+    np.testing.assert_allclose(logp.grad.numpy(), [0.5, 0.0, -1.0], rtol=1e-5, atol=1e-6)
+    assert ref.grad is None  # the reference is not trained through the KL term
+
+
+def test_truncated_importance_weights_hand_computed():
+    # ratios pi_old/mu = 1, 2, 0.5, 4 on row 0 and 3 on row 1; cap 2.5 -> weights 1, 2, 0.5, 2.5, 2.5;
+    # truncated: 4 and 3 -> 2 of 5 valid tokens; weight mean 8.5/5 = 1.7; max ratio 4. Padding has ratio e^10, which
+    # must not count anywhere.
+    behaviour = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-2.0, 0.0, 0.0, 0.0]])
+    old = behaviour + torch.log(torch.tensor([[1.0, 2.0, 0.5, 4.0], [3.0, 1.0, 1.0, 1.0]]))
+    old[1, 1:] = 10.0
+    old.requires_grad_(True)
+    mask = ragged_mask([4, 1], 4)
+    w, stats = truncated_importance_weights(old, behaviour, mask, cap=2.5)
+    np.testing.assert_allclose(w.numpy(), [[1.0, 2.0, 0.5, 2.5], [2.5, 0, 0, 0]], rtol=1e-6)
+    assert not w.requires_grad
+    got = {k: v.item() for k, v in stats.items()}
+    assert got == pytest.approx({"num_tokens": 5, "weight_sum": 8.5, "num_truncated": 2, "weight_mean": 1.7,
+                                 "ratio_max": 4.0, "truncated_fraction": 0.4}, rel=1e-6)
+    # Nothing truncated under a cap above every ratio; the weights are then the plain ratios.
+    w, stats = truncated_importance_weights(old, behaviour, mask, cap=5.0)
+    assert stats["num_truncated"].item() == 0 and stats["weight_sum"].item() == pytest.approx(1 + 2 + 0.5 + 4 + 3)
+    with pytest.raises(ValueError, match="cap"):
+        truncated_importance_weights(old, behaviour, mask, cap=0.0)
+
+
+# ---- device discipline ----
+
+def test_every_function_stays_on_the_inputs_device():
+    b, r = 6, 5
+    rewards = torch.empty(b, device=META)
+    groups = torch.empty(b, dtype=torch.long, device=META)
+    mask = torch.empty(b, r, device=META)
+    logp, ref, beh = (torch.empty(b, r, device=META) for _ in range(3))
+    kl = ppo.kl_estimate(logp, ref, "k3") * mask
+    outs = [group_index(groups), grpo_advantages(rewards, groups, mask),
+            grpo_advantages(rewards, groups, mask, scale_by_std=False), rloo_advantages(rewards, groups, mask),
+            reinforce_pp_returns(rewards, kl, mask, 0.05), reinforce_pp_returns(rewards, kl, mask, 0.05, 0.9),
+            reinforce_pp_advantages(rewards, kl, mask, 0.05)]
+    ret = outs[4]
+    outs.append(whiten_by_moments(ret, mask, masked_moments(ret, mask)))
+    per_token = ppo.policy_loss(logp, beh, outs[1], 0.2)[0] + 0.04 * kl_loss_k3(logp, ref)
+    weights, stats = truncated_importance_weights(beh, logp, mask, cap=2.0)
+    outs += [per_token, weights, *stats.values()]
+    outs += [aggregate(per_token * weights, mask, m, token_norm=64) for m in
+             ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")]
+    for i, t in enumerate(outs):
+        assert t.device == META, f"output {i} left the inputs' device"
+    for t in outs[1:8]:
+        assert t.shape == (b, r)
