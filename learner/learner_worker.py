@@ -32,11 +32,26 @@ from typing import Any
 
 import numpy as np
 
+from learner.models import build_policy, reference_logits
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LearnerConfig:
+    algorithm: str = "ppo"
+    """'ppo' (GAE with a critic), 'grpo' (group-normalised outcome advantage), 'rloo' (leave-one-out baseline) or
+    'reinforce_pp' (REINFORCE++: per-token KL in the return, batch-normalised). Critic-free ones build no value head."""
+    grpo_scale_by_std: bool = True
+    """grpo: divide by the group's reward std (false = Dr. GRPO: mean-centred only)."""
+    loss_aggregation: str = "token_mean"
+    """'token_mean' (every response token of the global mini-batch weighs the same), 'seq_mean_token_mean' (each
+    sample weighs the same) or 'seq_mean_token_sum' (Dr. GRPO: token sums over a constant, max_new_tokens)."""
+    kl_in_loss: bool = False
+    """KL to the reference as a k3 term in the loss (GRPO) instead of a penalty in the per-token reward; grpo and
+    rloo need it (their advantage is per sequence)."""
+    max_new_tokens: int = 0
+    """Set by the driver from rollout.max_new_tokens (the seq_mean_token_sum constant)."""
     num_ranks: int = 2
     """Ranks in the ZeRO group (Ray actors)."""
     zero_stage: int = 2
@@ -120,39 +135,6 @@ def init_distributed(rank: int, world: int, master_ip: str, master_port: int, nu
     return torch.device(get_accelerator().current_device_name())
 
 
-class PolicyWithValue:
-    """Builds the policy module lazily so this file imports without torch."""
-
-    @staticmethod
-    def build(lm: Any, seed: int) -> Any:
-        import torch
-
-        class _Module(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.lm = lm
-                g = torch.Generator().manual_seed(seed)
-                self.value_head = torch.nn.Linear(lm.config.hidden_size, 1)
-                with torch.no_grad():
-                    self.value_head.weight.copy_(torch.randn(self.value_head.weight.shape, generator=g) * 1e-3)
-                    self.value_head.bias.zero_()
-
-            def forward(self, input_ids, attention_mask, resp_index, temperature: float = 1.0):
-                """-> logits [B, R, V] at the positions that predict response tokens, values [B, R]."""
-                hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                idx = resp_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-                h = hidden.gather(1, idx)
-                return self.lm.lm_head(h) / temperature, self.value_head(h).squeeze(-1).float()
-
-        return _Module()
-
-
-def _ref_logits(ref: Any, input_ids: Any, attention_mask: Any, resp_index: Any, temperature: float) -> Any:
-    hidden = ref.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    h = hidden.gather(1, resp_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return ref.lm_head(h) / temperature
-
-
 class LearnerWorker:
     def __init__(self, cfg: LearnerConfig, rank: int, model_path: str, dtype: str, seed: int,
                  temperature: float, run_id: str):
@@ -200,7 +182,7 @@ class LearnerWorker:
         lm.config.use_cache = False
         if self.cfg.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        module = PolicyWithValue.build(lm, self.seed)
+        module = build_policy(lm, self.seed, with_value_head=self.cfg.algorithm == "ppo")
         self.ref = None  # kl_coef = 0: no reference model at all (not loaded, not run)
         if self.cfg.kl_coef > 0:
             ref_dtype = getattr(torch, self.cfg.ref_dtype) if self.cfg.ref_dtype else dtype
@@ -271,8 +253,10 @@ class LearnerWorker:
                 f"{key}_frac_over_tol": over / max(n_tok, 1.0), f"{key}_tolerance": tolerance}
 
     def prepare(self, batch: Any, iteration: int, on_policy_tolerance: float = 1e-3) -> dict:
-        """Score this rank's rows: old logprobs + values (policy), reference logprobs, rewards, GAE, and the
-        engine/learner logprob comparison over every rank (on_policy_tolerance: per-token |diff| counted as over)."""
+        """Score this rank's rows: old logprobs (+ values for PPO), reference logprobs, KL, the algorithm's
+        advantages, and the engine/learner logprob comparison over every rank (on_policy_tolerance: per-token
+        |diff| counted as over)."""
+        import torch
 
         from learner import ppo
 
@@ -287,19 +271,20 @@ class LearnerWorker:
         else:
             if self.cfg.ref_offload:
                 self.ref.to(self.device)
-            d["ref_logprobs"], _, _ = self._score(lambda i, a, r: _ref_logits(self.ref, i, a, r, temp))
+            d["ref_logprobs"], _, _ = self._score(lambda i, a, r: reference_logits(self.ref, i, a, r, temp))
             if self.cfg.ref_offload:
                 self.ref.to("cpu")
         mask = d["resp_mask"]
         kl = ppo.kl_estimate(d["old_logprobs"], d["ref_logprobs"], self.cfg.kl_estimator) * mask
-        rewards = ppo.token_rewards(d["reward"], kl, mask, self.cfg.kl_coef)
-        adv, d["returns"] = ppo.compute_gae(rewards, d["old_values"], mask, self.cfg.gamma, self.cfg.gae_lambda)
+        adv, d["returns"] = self._advantages(batch, rows, kl, mask)
         n_tok, s1, s2 = self._allreduce([mask.sum().item(), ppo.masked_sum(adv, mask).item(),
                                          ppo.masked_sum(adv**2, mask).item()])
-        if self.cfg.whiten_advantages:
-            mean = s1 / n_tok
+        if self.cfg.algorithm == "reinforce_pp" or (self.cfg.algorithm == "ppo" and self.cfg.whiten_advantages):
+            mean = s1 / n_tok  # over every rank's tokens (REINFORCE++ normalises its returns this way by definition)
             adv = ppo.masked_whiten(adv, mask, mean, max(s2 / n_tok - mean**2, 0.0))
         d["advantages"] = -adv if self.cfg.flip_advantage_sign else adv
+        if d["old_values"] is None:
+            d["old_values"] = torch.zeros_like(d["old_logprobs"])  # critic-free: reported as 0
         kl_sum, v_sum, r_sum, n_seq, ent_sum = self._allreduce([
             ppo.masked_sum(kl, mask).item(), ppo.masked_sum(d["old_values"], mask).item(), d["reward"].sum().item(),
             float(len(rows)), ppo.masked_sum(entropy, mask).item()])
@@ -307,11 +292,39 @@ class LearnerWorker:
                 "rollout/entropy": ent_sum / n_tok,
                 "learner/tokens": n_tok, **self._on_policy_stats(mask, on_policy_tolerance)}
 
-    def update(self) -> dict:
-        """PPO epochs over mini-batches; the loss is a token mean over the global mini-batch."""
+    def _advantages(self, batch: Any, rows: np.ndarray, kl: Any, mask: Any) -> tuple[Any, Any]:
+        """Per-token advantages [B, R] of this rank's rows, and the critic's returns [B, R] (PPO only, else None).
+
+        ppo: GAE over KL-shaped token rewards and the critic's values. reinforce_pp: the discounted return of the
+        KL-shaped token rewards (whitened over all ranks by the caller). grpo / rloo: one advantage per sample from
+        its group (the samples of one prompt), computed on the whole batch that every rank holds, so a group split
+        over ranks is still one group; KL then goes in the loss (learner.kl_in_loss)."""
         import torch
 
-        from learner import ppo
+        from learner import algorithms, ppo
+
+        d, c = self.data, self.cfg
+        kl_coef = 0.0 if c.kl_in_loss else c.kl_coef
+        if c.algorithm == "ppo":
+            rewards = ppo.token_rewards(d["reward"], kl, mask, kl_coef)
+            return ppo.compute_gae(rewards, d["old_values"], mask, c.gamma, c.gae_lambda)
+        if c.algorithm == "reinforce_pp":
+            return algorithms.reinforce_pp_returns(d["reward"], kl, mask, kl_coef, c.gamma), None
+        rewards = torch.from_numpy(batch.column("reward").to_numpy().astype(np.float32)).to(self.device)
+        groups = torch.from_numpy(batch.column("prompt_id").to_numpy().astype(np.int64)).to(self.device)
+        one = torch.ones(len(rewards), 1, device=self.device)
+        if c.algorithm == "grpo":
+            per_sample = algorithms.grpo_advantages(rewards, groups, one, scale_by_std=c.grpo_scale_by_std)
+        else:
+            per_sample = algorithms.rloo_advantages(rewards, groups, one)
+        return per_sample[torch.as_tensor(rows, device=self.device), 0].unsqueeze(-1) * mask, None
+
+    def update(self) -> dict:
+        """Epochs over mini-batches of the clipped surrogate (+ the critic's value loss for PPO, + k3 KL when it is
+        in the loss, - entropy bonus), aggregated over the global mini-batch (learner.loss_aggregation)."""
+        import torch
+
+        from learner import algorithms, ppo
 
         d, cfg = self.data, self.cfg
         n = d["input_ids"].shape[0]
@@ -327,12 +340,20 @@ class LearnerWorker:
                                              d["resp_index"][mb].clamp(max=t_len - 1), self.temperature)
                 logp = ppo.logprobs_from_logits(logits, d["resp_ids"][mb])
                 pg, clipped = ppo.policy_loss(logp, d["old_logprobs"][mb], d["advantages"][mb], cfg.clip_ratio)
-                vl = ppo.value_loss(values, d["old_values"][mb], d["returns"][mb], cfg.value_clip)
+                per_token = pg
+                vl = torch.zeros_like(logp)
+                if values is not None:
+                    vl = ppo.value_loss(values, d["old_values"][mb], d["returns"][mb], cfg.value_clip)
+                    per_token = per_token + cfg.vf_coef * vl
+                if cfg.kl_in_loss and self.ref is not None:
+                    per_token = per_token + cfg.kl_coef * algorithms.kl_loss_k3(logp, d["ref_logprobs"][mb])
                 ent = ppo.entropy_from_logits(logits) if cfg.entropy_coef else torch.zeros_like(logp)
-                (n_tok,) = self._allreduce([mask.sum().item()])
-                per_token = pg + cfg.vf_coef * vl - cfg.entropy_coef * ent
-                # DeepSpeed averages gradients over ranks: scale by world / global tokens -> global token mean.
-                loss = ppo.masked_sum(per_token, mask) * (self.world / n_tok)
+                per_token = per_token - cfg.entropy_coef * ent
+                n_tok, n_seq = self._allreduce([mask.sum().item(), (mask.sum(-1) > 0).sum().item()])
+                # DeepSpeed averages gradients over ranks: normalise by the global count / world.
+                count = n_tok if cfg.loss_aggregation == "token_mean" else n_seq
+                loss = algorithms.aggregate(per_token, mask, cfg.loss_aggregation, denominator=count / self.world,
+                                            token_norm=float(max(cfg.max_new_tokens, 1)))
                 self.engine.backward(loss)
                 self.engine.step()
                 with torch.no_grad():
@@ -495,7 +516,8 @@ class LearnerWorker:
             out.mkdir(parents=True, exist_ok=True)
             state = {n: p.detach().cpu().clone() for n, p in self.module.lm.state_dict().items()}
             self.module.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
-            torch.save(self.module.value_head.state_dict(), out / "value_head.pt")
+            if self.module.value_head is not None:
+                torch.save(self.module.value_head.state_dict(), out / "value_head.pt")
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                          "chat_template.jinja", "generation_config.json"):
                 src = Path(self.model_path) / name

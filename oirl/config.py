@@ -308,6 +308,17 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _check(lr.value_clip > 0, f"learner.value_clip={lr.value_clip} must be > 0 (it bounds the value update per step)")
     _check(lr.forward_batch_size >= 1, f"learner.forward_batch_size={lr.forward_batch_size} must be >= 1 (rows per "
                                        "no-grad forward)")
+    _check(lr.algorithm in ("ppo", "grpo", "rloo", "reinforce_pp"),
+           f"learner.algorithm={lr.algorithm!r} must be 'ppo', 'grpo', 'rloo' or 'reinforce_pp'")
+    _check(lr.loss_aggregation in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
+           f"learner.loss_aggregation={lr.loss_aggregation!r} must be 'token_mean', 'seq_mean_token_mean' or "
+           "'seq_mean_token_sum'")
+    _check(lr.algorithm not in ("grpo", "rloo") or lr.kl_in_loss or lr.kl_coef == 0,
+           f"learner.algorithm={lr.algorithm} gives one advantage per sample, so a per-token KL penalty in the reward "
+           "does not reach it: set learner.kl_in_loss=true (k3 in the loss, as GRPO does) or learner.kl_coef=0")
+    _check(lr.algorithm not in ("grpo", "rloo") or r.samples_per_prompt >= 2,
+           f"learner.algorithm={lr.algorithm} compares the samples of one prompt: rollout.samples_per_prompt="
+           f"{r.samples_per_prompt} must be >= 2")
     _check(lr.ref_dtype in ("", "bfloat16", "float32"),
            f"learner.ref_dtype={lr.ref_dtype!r} must be '' (the model's dtype), 'bfloat16' or 'float32'")
     for name in ("vf_coef", "kl_coef", "entropy_coef", "weight_decay", "max_grad_norm"):

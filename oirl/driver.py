@@ -11,6 +11,7 @@ kill -9 at any point + --resume reproduces the uninterrupted run (OIRL_FAULT, oi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -96,7 +97,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         reward = spawn_reward_actor(cfg.reward, model_path, f"oirl-reward-{run_id}",
                                     actor_options(cfg, "reward").get("resources"))
         micro_batch = cfg.batch_size // (cfg.learner.num_ranks * cfg.learner.num_minibatches)
-        learner = LearnerGroup(cfg.learner, model_path, cfg.model.dtype, cfg.seed, r.temperature, run_id,
+        learner_cfg = dataclasses.replace(cfg.learner, max_new_tokens=cfg.learner.max_new_tokens or r.max_new_tokens)
+        learner = LearnerGroup(learner_cfg, model_path, cfg.model.dtype, cfg.seed, r.temperature, run_id,
                                micro_batch, resources=actor_options(cfg, "learner").get("resources"))
         transport = choose_transport(cfg.sync.transport, learner.call_rank0("node_id"), pool.node_ids())
         logger.info("run %s: %d engines, %d learner ranks (ZeRO-%d), weight transport %s", run_id, r.num_engines,

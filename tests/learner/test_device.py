@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from learner import ppo
-from learner.learner_worker import PolicyWithValue
+from learner.models import build_policy
 from oirl.batch import add_column, make_rollout_batch
 
 META = torch.device("meta")
@@ -42,7 +42,7 @@ def test_policy_with_value_forward_on_the_inputs_device():
                       num_attention_heads=2, num_key_value_heads=2)
     with META:
         lm = LlamaForCausalLM(cfg)
-    module = PolicyWithValue.build(lm, seed=0).to(META)
+    module = build_policy(lm, seed=0, with_value_head=True).to(META)
     ids = torch.zeros(2, 5, dtype=torch.long, device=META)
     # No padding mask: transformers inspects a given mask's values (.item()), which meta tensors do not have.
     logits, values = module(ids, None, torch.zeros(2, 3, dtype=torch.long, device=META), 0.7)
