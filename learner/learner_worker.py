@@ -152,6 +152,11 @@ class LearnerWorker:
     def master_address(self) -> tuple[str, int]:
         return free_master_address()
 
+    def built(self) -> dict:
+        """What this rank holds: whether a reference model and a value head exist, and the trainable parameters."""
+        return {"reference": self.ref is not None, "value_head": self.module.value_head is not None,
+                "trainable_params": sum(p.numel() for p in self.module.parameters() if p.requires_grad)}
+
     def node_id(self) -> str:
         import ray
 

@@ -192,6 +192,28 @@ def test_actor_faults_recover_or_fail_clearly(tmp_path):
             assert got[key] == pytest.approx(want[key], abs=1e-6), (got["iteration"], key)
 
 
+ALGORITHMS = {"grpo": ["learner.kl_in_loss=true"], "rloo": ["learner.kl_in_loss=true"], "reinforce_pp": []}
+
+
+@pytest.mark.slow
+@requires_loopback
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_critic_free_algorithm_learns_and_flipped_sign_does_not(algorithm, tmp_path):
+    def gain(out):
+        rewards = [r["reward/mean"] for r in metrics(out)]
+        return sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3
+
+    overrides = [f"iterations={LEARN_ITERS}", "checkpoint_every=0", f"learner.algorithm={algorithm}",
+                 *ALGORITHMS[algorithm]]
+    run_cli(tmp_path / "learn", *overrides)
+    run_cli(tmp_path / "flipped", *overrides, "learner.flip_advantage_sign=true")
+    learned, flipped = gain(tmp_path / "learn"), gain(tmp_path / "flipped")
+    assert learned > 0.1, f"{algorithm}: reward rose by only {learned:.3f}"
+    assert flipped < 0.02, f"{algorithm}: a flipped advantage sign should not learn, but reward rose by {flipped:.3f}"
+    row = metrics(tmp_path / "learn")[-1]
+    assert row["learner/value_loss"] == 0.0 and "learner/policy_loss" in row
+
+
 @pytest.mark.slow
 @requires_loopback
 def test_collective_transport_with_two_engines(tmp_path):

@@ -103,3 +103,32 @@ def test_on_policy_statistics_cover_every_rank(runs):
         assert two[f"{key}_{stat}"] == pytest.approx(one[f"{key}_{stat}"], rel=1e-5), stat
     # Every token's engine logprob (0 or 50) is far from the learner's (< 0): all of them are over tolerance.
     assert one[f"{key}_frac_over_tol"] == 1.0
+
+
+def test_critic_free_without_kl_builds_no_critic_and_no_reference(ray_cluster, tiny_model_path):
+    """grpo with kl_coef=0: no reference model is loaded and no value head exists; it still trains."""
+    from transformers import AutoConfig
+
+    import pyarrow as pa
+
+    batch = make_batch(AutoConfig.from_pretrained(tiny_model_path).vocab_size)
+    # Two prompts of 4 samples each: GRPO's groups (one sample per prompt would give every advantage 0).
+    batch = batch.set_column(0, "prompt_id", pa.array([i // 4 for i in range(N)], type=pa.int64()))
+    built = {}
+    for algorithm, kl_coef in (("ppo", 0.1), ("grpo", 0.0)):
+        cfg = LearnerConfig(num_ranks=1, algorithm=algorithm, kl_coef=kl_coef, lr=1e-3, num_minibatches=1,
+                            num_cpus=0.5, timeout_s=600, max_new_tokens=12)
+        group = LearnerGroup(cfg, tiny_model_path, "float32", 0, 1.0, f"built-{algorithm}", micro_batch=N)
+        try:
+            built[algorithm] = group.call_rank0("built")
+            before = group.call_rank0("full_state")
+            prep = group.call_rank0("prepare", batch, 0)
+            group.call_rank0("update")
+            after = group.call_rank0("full_state")
+        finally:
+            group.shutdown()
+        assert max_diff(before, after) > 1e-5, f"{algorithm} did not train"
+        assert prep["learner/tokens"] > 0
+    assert built["ppo"]["reference"] and built["ppo"]["value_head"]
+    assert not built["grpo"]["reference"] and not built["grpo"]["value_head"]
+    assert built["ppo"]["trainable_params"] - built["grpo"]["trainable_params"] == 64 + 1  # the value head
