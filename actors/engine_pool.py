@@ -1,7 +1,8 @@
 """EnginePool: the driver's handle on the N RolloutWorker actors.
 
 Public methods:
-    generate(prompts, iteration, seeds) -> pa.Table   # every shard submitted at once, one wait, RolloutBatch rows
+    submit(prompts, iteration, version, seeds) -> Generation   # every shard submitted at once
+    collect(generation, resync) -> pa.Table                    # one wait; RolloutBatch rows
     node_ids() -> list[str]
     shutdown()
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -27,6 +29,17 @@ from oirl import faults
 from oirl.remote import RemoteError, get_all
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    """One batch being generated: its shards (prompts, seeds) per engine, the refs still pending, the results."""
+
+    iteration: int
+    version: int
+    shards: list[tuple[list[Any], list[int]]]
+    pending: dict[Any, int] = field(default_factory=dict)
+    results: dict[int, pa.Table] = field(default_factory=dict)
 
 
 class EnginePool:
@@ -46,49 +59,51 @@ class EnginePool:
         return get_all([e.node_id.remote() for e in self.engines], self.cfg.timeout_s, "engine start-up",
                        [f"engine {i}" for i in range(len(self.engines))])
 
-    def generate(self, prompts: list[Any], iteration: int, seeds: list[int],
-                 resync: Callable[[Any, int], None]) -> pa.Table:
-        """prompts: oirl.data.Prompt rows; seeds: one per prompt. resync(engine, i) loads the current version
-        into a replacement engine (the driver's sync_weights)."""
+    def submit(self, prompts: list[Any], iteration: int, version: int, seeds: list[int]) -> Generation:
+        """Start generating the batch of ``iteration`` on every engine (they serve ``version``); collect() it.
+
+        prompts: oirl.data.Prompt rows; seeds: one per prompt."""
         n = len(self.engines)
-        shards = [(prompts[i::n], seeds[i::n]) for i in range(n)]
-
-        def submit(i: int) -> Any:
-            ps, ss = shards[i]
-            return self.engines[i].generate.remote([p.prompt_id for p in ps], [p.token_ids for p in ps],
-                                                   iteration, ss)
-
-        pending = {submit(i): i for i in range(n) if shards[i][0]}
+        gen = Generation(iteration, version, [(prompts[i::n], seeds[i::n]) for i in range(n)])
+        gen.pending = {self._submit(gen, i): i for i in range(n) if gen.shards[i][0]}
         faults.point("generate", iteration)
         if faults.actor_to_kill("engine", iteration):
             logger.warning("OIRL_FAULT: killing engine 0 during generate of iteration %d", iteration)
             ray.kill(self.engines[0], no_restart=True)
-        results: dict[int, pa.Table] = {}
+        return gen
+
+    def _submit(self, gen: Generation, i: int) -> Any:
+        ps, ss = gen.shards[i]
+        return self.engines[i].generate.remote([p.prompt_id for p in ps], [p.token_ids for p in ps], gen.version, ss)
+
+    def collect(self, gen: Generation, resync: Callable[[Any], int]) -> pa.Table:
+        """Wait for every shard of ``gen``. resync(engine) loads the learner's current version into a replacement
+        engine and returns that version (the shard is then regenerated with it and the same seeds)."""
         deadline = time.monotonic() + self.cfg.timeout_s
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        while gen.pending:
+            ready, _ = ray.wait(list(gen.pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                late = ", ".join(f"engine {i}" for i in sorted(pending.values()))
-                raise TimeoutError(f"generate (iteration {iteration}) did not finish within {self.cfg.timeout_s}s "
-                                   f"(rollout.timeout_s); still running: {late}")
-            i = pending.pop(ready[0])
+                late = ", ".join(f"engine {i}" for i in sorted(gen.pending.values()))
+                raise TimeoutError(f"generate (iteration {gen.iteration}) did not finish within "
+                                   f"{self.cfg.timeout_s}s (rollout.timeout_s); still running: {late}")
+            i = gen.pending.pop(ready[0])
             try:
-                results[i] = ray.get(ready[0])
+                gen.results[i] = ray.get(ready[0])
             except ray.exceptions.RayActorError as e:
                 if self.restarts >= self.cfg.max_restarts:
-                    raise RemoteError(f"engine {i} died during generate of iteration {iteration} and "
+                    raise RemoteError(f"engine {i} died during generate of iteration {gen.iteration} and "
                                       f"rollout.max_restarts={self.cfg.max_restarts} replacements are used up; "
                                       "rerun with --resume to continue from the last checkpoint") from e
                 self.restarts += 1
                 logger.warning("engine %d died during generate of iteration %d (%s); replacing it (%d/%d)", i,
-                               iteration, type(e).__name__, self.restarts, self.cfg.max_restarts)
+                               gen.iteration, type(e).__name__, self.restarts, self.cfg.max_restarts)
                 self.engines[i] = self._spawn(i)
-                resync(self.engines[i], i)
-                pending[submit(i)] = i
+                gen.version = resync(self.engines[i])
+                gen.pending[self._submit(gen, i)] = i
                 deadline = max(deadline, time.monotonic() + self.cfg.timeout_s)
             except ray.exceptions.RayTaskError as e:
-                raise RemoteError(f"generate (iteration {iteration}): engine {i} failed: {e}") from e
-        return pa.concat_tables([results[i] for i in sorted(results)])
+                raise RemoteError(f"generate (iteration {gen.iteration}): engine {i} failed: {e}") from e
+        return pa.concat_tables([gen.results[i] for i in sorted(gen.results)])
 
     def shutdown(self) -> None:
         for i, e in enumerate(self.engines):

@@ -60,6 +60,9 @@ class RolloutConfig:
     """vLLM scheduler batch limit."""
     timeout_s: float = 900.0
     """Longest wait for one generate call before the driver fails the iteration."""
+    async_steps: int = 0
+    """0: strictly on-policy (iteration k samples with version k). 1: one-step-off: the batch of k+1 is generated
+    with version k while the learner trains on batch k (importance-corrected, learner.importance_cap)."""
     max_restarts: int = 2
     """Engines that die mid-generate are replaced (synced to the current version, shard regenerated with the same
     seeds) up to this many times per run; then the run stops and names the engine."""

@@ -52,6 +52,9 @@ class LearnerConfig:
     rloo need it (their advantage is per sequence)."""
     max_new_tokens: int = 0
     """Set by the driver from rollout.max_new_tokens (the seq_mean_token_sum constant)."""
+    importance_cap: float = 2.0
+    """One-step-off mode (rollout.async_steps=1): the policy loss of each token is weighted by
+    min(pi_learner / pi_behaviour, importance_cap), the behaviour being the engine's logprobs (truncated IS)."""
     num_ranks: int = 2
     """Ranks in the ZeRO group (Ray actors)."""
     zero_stage: int = 2
@@ -247,20 +250,37 @@ class LearnerWorker:
         return t.tolist()
 
     def _on_policy_stats(self, mask: Any, tolerance: float) -> dict:
-        """|learner - engine| logprob of every sampled response token, over every rank: the primary on-policy
-        check (the engine sampled these tokens; the learner must give them the same probability)."""
+        """|learner - engine| logprob of every sampled response token under ``mask``, over every rank: the primary
+        on-policy check (the engine sampled these tokens; the learner must give them the same probability)."""
         diff = (self.data["old_logprobs"] - self.data["engine_logprobs"]).abs() * mask
         (worst,) = self._allreduce([diff.max().item() if mask.numel() else 0.0], op="max")
         total, over, n_tok = self._allreduce([diff.sum().item(), ((diff > tolerance) * mask).sum().item(),
                                               mask.sum().item()])
         key = "rollout/engine_learner_logprob"
         return {f"{key}_max_abs_diff": worst, f"{key}_mean_abs_diff": total / max(n_tok, 1.0),
-                f"{key}_frac_over_tol": over / max(n_tok, 1.0), f"{key}_tolerance": tolerance}
+                f"{key}_frac_over_tol": over / max(n_tok, 1.0), f"{key}_tolerance": tolerance,
+                f"{key}_tokens_checked": n_tok}
 
-    def prepare(self, batch: Any, iteration: int, on_policy_tolerance: float = 1e-3) -> dict:
+    def _importance_weights(self, mask: Any, cap: float) -> dict:
+        """Truncated importance weights min(pi_learner / pi_engine, cap) of every response token (kept for update)
+        and their statistics over every rank."""
+        from learner import algorithms
+
+        d = self.data
+        d["is_weights"], st = algorithms.truncated_importance_weights(d["old_logprobs"], d["engine_logprobs"],
+                                                                      mask, cap)
+        n, w_sum, n_trunc = self._allreduce([st["num_tokens"].item(), st["weight_sum"].item(),
+                                             st["num_truncated"].item()])
+        (ratio_max,) = self._allreduce([st["ratio_max"].item()], op="max")
+        return {"learner/is_weight_mean": w_sum / max(n, 1.0), "learner/is_ratio_max": ratio_max,
+                "learner/is_truncated_frac": n_trunc / max(n, 1.0)}
+
+    def prepare(self, batch: Any, iteration: int, on_policy_tolerance: float = 1e-3,
+                importance_cap: float = 0.0) -> dict:
         """Score this rank's rows: old logprobs (+ values for PPO), reference logprobs, KL, the algorithm's
         advantages, and the engine/learner logprob comparison over every rank (on_policy_tolerance: per-token
-        |diff| counted as over)."""
+        |diff| counted as over; it is enforced on the rows of this iteration's version, the stale rows of
+        one-step-off mode are importance-weighted instead: importance_cap > 0)."""
         import torch
 
         from learner import ppo
@@ -290,12 +310,18 @@ class LearnerWorker:
         d["advantages"] = -adv if self.cfg.flip_advantage_sign else adv
         if d["old_values"] is None:
             d["old_values"] = torch.zeros_like(d["old_logprobs"])  # critic-free: reported as 0
+        versions = torch.from_numpy(batch.take(rows).column("policy_version").to_numpy()).to(self.device)
+        fresh = (versions == iteration).to(mask.dtype).unsqueeze(-1) * mask
+        stats = self._on_policy_stats(fresh, on_policy_tolerance)
+        d.pop("is_weights", None)
+        if importance_cap > 0:
+            stats.update(self._importance_weights(mask, importance_cap))
         kl_sum, v_sum, r_sum, n_seq, ent_sum = self._allreduce([
             ppo.masked_sum(kl, mask).item(), ppo.masked_sum(d["old_values"], mask).item(), d["reward"].sum().item(),
             float(len(rows)), ppo.masked_sum(entropy, mask).item()])
         return {"kl/mean": kl_sum / n_seq, "kl/per_token": kl_sum / n_tok, "learner/value_mean": v_sum / n_tok,
                 "rollout/entropy": ent_sum / n_tok,
-                "learner/tokens": n_tok, **self._on_policy_stats(mask, on_policy_tolerance)}
+                "learner/tokens": n_tok, **stats}
 
     def _advantages(self, batch: Any, rows: np.ndarray, kl: Any, mask: Any) -> tuple[Any, Any]:
         """Per-token advantages [B, R] of this rank's rows, and the critic's returns [B, R] (PPO only, else None).
@@ -345,6 +371,8 @@ class LearnerWorker:
                                              d["resp_index"][mb].clamp(max=t_len - 1), self.temperature)
                 logp = ppo.logprobs_from_logits(logits, d["resp_ids"][mb])
                 pg, clipped = ppo.policy_loss(logp, d["old_logprobs"][mb], d["advantages"][mb], cfg.clip_ratio)
+                if "is_weights" in d:  # one-step-off: correct for the behaviour policy that sampled the tokens
+                    pg = pg * d["is_weights"][mb]
                 per_token = pg
                 vl = torch.zeros_like(logp)
                 if values is not None:

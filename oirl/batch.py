@@ -91,11 +91,14 @@ def list_column_numpy(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarra
     return flat[offsets[0]: offsets[-1]], offsets - offsets[0]
 
 
-def validate_versions(table: pa.Table, expected: int) -> None:
-    """Strict on-policy: every sample must come from the weights version this iteration expects."""
+def validate_versions(table: pa.Table, expected: int, async_steps: int = 0) -> None:
+    """Every sample must come from a weights version in [expected - async_steps, expected]: exactly ``expected``
+    when strictly on-policy (async_steps = 0), at most async_steps versions behind in one-step-off mode."""
     versions = table.column("policy_version").to_numpy()
-    if len(versions) and (versions.min() != expected or versions.max() != expected):
+    lowest = max(expected - async_steps, 0)
+    if len(versions) and (versions.min() < lowest or versions.max() > expected):
+        want = f"{expected}" if lowest == expected else f"[{lowest}, {expected}] (rollout.async_steps={async_steps})"
         raise RuntimeError(
             f"off-policy samples: policy_version in [{versions.min()}, {versions.max()}] but iteration expects "
-            f"{expected}; an engine missed a weight sync"
+            f"{want}; an engine missed a weight sync"
         )

@@ -297,6 +297,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            f"rollout.top_k={r.top_k}: top-k truncates the sampling distribution (see rollout.top_p); set "
            "rollout.top_k=-1 (off)")
     _check(r.max_restarts >= 0, f"rollout.max_restarts={r.max_restarts} must be >= 0")
+    _check(r.async_steps in (0, 1), f"rollout.async_steps={r.async_steps} must be 0 (on-policy) or 1 (one-step-off)")
+    _check(cfg.learner.importance_cap > 0, f"learner.importance_cap={cfg.learner.importance_cap} must be > 0")
     _check(r.kv_cache_gib > 0, f"rollout.kv_cache_gib={r.kv_cache_gib} must be > 0")
     _check(lr.num_ranks >= 1, f"learner.num_ranks={lr.num_ranks} must be >= 1")
     _check(lr.zero_stage in (0, 1, 2, 3), f"learner.zero_stage={lr.zero_stage} must be 0, 1, 2 or 3")

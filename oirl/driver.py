@@ -3,8 +3,10 @@
     for iteration k:  generate (version k) -> reward -> prepare (ref logprobs, values, GAE) -> update
                       -> weight sync (version k+1, verified) -> checkpoint (committed) -> log
 
-Strict on-policy: iteration k generates with weights version k, every sample is checked for it, and the learner's
-logprobs of the sampled tokens must match the engine's (sync.on_policy_tolerance). Everything that changes the run
+Strict on-policy (the default): iteration k generates with weights version k, every sample is checked for it, and
+the learner's logprobs of the sampled tokens must match the engine's (sync.on_policy_tolerance). One-step-off
+(rollout.async_steps=1): the batch of k+1 is generated with version k while the learner trains on batch k; samples
+keep their version, the learner accepts versions >= k - 1 and corrects with truncated importance weights. Everything that changes the run
 (weights, optimizer, sampler position, reward normalisation, the metrics row) is in the committed checkpoint, so
 kill -9 at any point + --resume reproduces the uninterrupted run (OIRL_FAULT, oirl/faults.py, drills exactly that).
 """
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
 from actors.engine_pool import EnginePool
@@ -40,6 +43,8 @@ from oirl.sync import check_on_policy, checkpoint_tensors, choose_transport, for
 from reward_server.reward_worker import spawn_reward_actor
 
 logger = logging.getLogger(__name__)
+
+PREFETCHED = "prefetched.parquet"  # async: the next iteration's batch, stored inside the checkpoint's folder
 
 
 @contextmanager
@@ -111,21 +116,36 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                  iteration: int | None = None) -> dict[str, float]:
             return sync_weights(learner, engines, version, cfg.sync, transport, canary, expected_tensors, iteration)
 
-        def resync(engine: Any, version: int) -> None:
-            """A replacement engine: load version ``version`` (collective: the group is formed anew with it, and a
-            broadcast reaches every member)."""
+        start = int(committed["iteration"]) if committed is not None else 0
+        served = start  # the version every engine serves (the learner's newest)
+
+        def resync(engine: Any) -> int:
+            """A replacement engine loads the newest version (collective: the group is formed anew with it, and a
+            broadcast reaches every member); returns that version."""
             if transport == "collective":
                 form_weight_group(learner, pool.engines, cfg.sync.timeout_s)
-                sync(pool.engines, version)
+                sync(pool.engines, served)
             else:
-                sync([engine], version)
+                sync([engine], served)
+            return served
 
-        start, reward_state, restored_row = 0, None, None
+        def draw(k: int) -> tuple[Any, dict[int, str]]:
+            """Iteration k's prompts, generation started on every engine with the version they serve."""
+            prompts = dataset.next_batch()
+            gen = pool.submit(prompts, k, served, seeds_for(cfg.seed, k, [p.prompt_id for p in prompts]))
+            return gen, {p.prompt_id: p.reference for p in prompts}
+
+        def finish(drawn: tuple[Any, dict[int, str]]) -> pa.Table:
+            batch = pool.collect(drawn[0], resync)
+            return add_column(batch, "reference", [drawn[1][i] for i in batch.column("prompt_id").to_pylist()])
+
+        reward_state, restored_row, ahead = None, None, None  # ahead: the next iteration's batch, already generated
         if committed is not None:
             learner.call("load_checkpoint", str(ckpt_dir), committed["tag"])
-            start, reward_state = int(committed["iteration"]), committed["reward_state"]
+            reward_state, restored_row = committed["reward_state"], committed["metrics_row"]
             dataset.load_state(committed["data"])
-            restored_row = committed["metrics_row"]
+            if committed.get("prefetched"):  # async: the batch that was in flight, stored with the checkpoint
+                ahead = pq.read_table(ckpt_dir / committed["tag"] / PREFETCHED)
             sync(pool.engines, start)  # engines serve version `start`
             logger.info("resumed from %s (%s) at iteration %d", ckpt_dir, committed["tag"], start)
 
@@ -140,12 +160,11 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             timings: dict[str, float] = {}
 
             with timed(timings, "generate"):
-                prompts = dataset.next_batch()
-                seeds = seeds_for(cfg.seed, it, [p.prompt_id for p in prompts])
-                batch = pool.generate(prompts, it, seeds, resync=lambda e, i, v=it: resync(e, v))
-                validate_versions(batch, it)
-                refs_by_id = {p.prompt_id: p.reference for p in prompts}
-                batch = add_column(batch, "reference", [refs_by_id[i] for i in batch.column("prompt_id").to_pylist()])
+                batch = ahead if ahead is not None else finish(draw(it))
+                ahead = None
+                validate_versions(batch, it, r.async_steps)
+                # One-step-off: the next batch is generated with this version while the learner trains on this one.
+                nxt = draw(it + 1) if r.async_steps and it + 1 < cfg.iterations else None
 
             with timed(timings, "reward"):
                 ref = reward.score_batch.remote(batch, reward_state)
@@ -157,27 +176,36 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                 batch = add_column(batch, "reward", rewards)
 
             with timed(timings, "prepare"):  # old + reference logprobs, values, KL-shaped rewards, GAE
-                prep = learner_phase(learner, "prepare", it, ray.put(batch), it, cfg.sync.on_policy_tolerance)
+                prep = learner_phase(learner, "prepare", it, ray.put(batch), it, cfg.sync.on_policy_tolerance,
+                                     cfg.learner.importance_cap if r.async_steps else 0.0)
                 check_on_policy(prep, cfg.sync, it)
 
             with timed(timings, "update"):
                 upd = learner_phase(learner, "update", it)
 
+            if nxt is not None:
+                with timed(timings, "generate_wait"):  # engines load new weights between generations, never during
+                    ahead = finish(nxt)
+
             with timed(timings, "sync"):  # publish version it+1 to every engine, verified
                 sync_stats = sync(pool.engines, it + 1, batch.slice(0, cfg.sync.canary_samples), it)
+                served = it + 1
 
             with timed(timings, "checkpoint"):  # every rank writes; committed below, after the row is complete
                 tag = f"iter_{it + 1:06d}"
                 save = it + 1 == cfg.iterations or (cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0)
                 if save:
                     learner.call("save_checkpoint", str(ckpt_dir), tag)
+                    if ahead is not None:  # the in-flight samples go with the checkpoint: a resume loses none
+                        pq.write_table(ahead, ckpt_dir / tag / PREFETCHED)
                     faults.point("checkpoint", it)
 
             timings["timing_s/iteration"] = time.perf_counter() - t_iter
             last = iteration_metrics(it, batch, rewards, timings, prep, upd, sync_stats, engine_restarts=pool.restarts)
             if save:
                 checkpoint.commit(ckpt_dir, tag, {"iteration": it + 1, "data": dataset.state(), "run_id": run_id,
-                                                  "reward_state": reward_state, "metrics_row": last})
+                                                  "reward_state": reward_state, "metrics_row": last,
+                                                  "prefetched": ahead is not None})
                 checkpoint.prune(ckpt_dir, cfg.checkpoint_keep, tag)
             metrics_log.log(last)
             if bar is not None:
@@ -220,6 +248,8 @@ def iteration_metrics(it: int, batch: pa.Table, rewards: np.ndarray, timings: di
         "iteration": it,
         "rollout/policy_version_min": int(versions.min()),
         "rollout/policy_version_max": int(versions.max()),
+        "rollout/staleness_max": int(it - versions.min()),
+        "rollout/staleness_mean": float(it - versions.mean()),
         "rollout/samples": batch.num_rows,
         "rollout/response_tokens_mean": resp_tokens / batch.num_rows,
         "rollout/engine_restarts": engine_restarts,
