@@ -107,9 +107,8 @@ def test_on_policy_statistics_cover_every_rank(runs):
 
 def test_critic_free_without_kl_builds_no_critic_and_no_reference(ray_cluster, tiny_model_path):
     """grpo with kl_coef=0: no reference model is loaded and no value head exists; it still trains."""
-    from transformers import AutoConfig
-
     import pyarrow as pa
+    from transformers import AutoConfig
 
     batch = make_batch(AutoConfig.from_pretrained(tiny_model_path).vocab_size)
     # Two prompts of 4 samples each: GRPO's groups (one sample per prompt would give every advantage 0).
