@@ -1,21 +1,23 @@
-"""LearnerWorker: one rank of the DeepSpeed ZeRO group that trains policy + critic with PPO.
+"""LearnerWorker: one rank of the DeepSpeed ZeRO group that trains the policy (learner.algorithm: PPO with a
+critic, or critic-free GRPO / RLOO / REINFORCE++).
 
-Holds the policy (an HF causal LM) with a value head on its last hidden state (the critic shares the backbone),
-and a frozen reference model for the KL term. All ranks form one torch.distributed group (gloo on CPU, NCCL on
-GPU); rank r trains on rows r::M of each RolloutBatch, and DeepSpeed averages gradients, so M ranks take the same
-step as one rank on the whole batch (losses are normalised by the global token count).
+Holds the policy (an HF causal LM; for PPO with a value head on its last hidden state: learner/models.py) and, when
+kl_coef > 0, a frozen reference model for the KL term. All ranks form one torch.distributed group (gloo on CPU,
+NCCL on GPU); rank r trains on rows r::M of each RolloutBatch, and DeepSpeed averages gradients, so M ranks take the
+same step as one rank on the whole batch (losses are normalised by global counts). Advantage estimators and losses
+are pure functions in learner/ppo.py and learner/algorithms/; publishing weights is learner/weight_export.py.
 
 Public methods (called on every rank by learner.group.LearnerGroup):
-    master_address() -> (ip, port)                 # rank 0 only, before setup
-    setup(master_ip, master_port)                  # joins the group, builds models and the DeepSpeed engine
-    prepare(batch, iteration) -> stats             # old/ref logprobs, values, KL-shaped rewards, GAE
-    update() -> stats                              # PPO epochs over mini-batches
-    export_weights(version, transport, ...) -> WeightUpdate | None (rank 0)
-    logprobs(token_ids, prompt_lens) -> list[np.ndarray] | None (rank 0)
-    save_checkpoint(dir, tag, client_state) / load_checkpoint(dir) -> client_state
-    save_hf(dir) / full_state() -> dict[str, np.ndarray] (tests)
+    master_address() -> (ip, port)                 # rank 0's, before setup
+    setup(master_ip, master_port, micro_batch)     # joins the group, builds models and the DeepSpeed engine
+    prepare(batch, iteration, ...) -> stats        # old/ref logprobs, values, KL, advantages, on-policy check
+    update() -> stats                              # epochs over mini-batches
+    built() -> dict                                # which models this rank holds
+    save_checkpoint(dir, tag) / load_checkpoint(dir, tag) / save_hf(dir)
+    + the publishing methods of WeightPublisher (export_weights, broadcast_weights, logprobs, ...)
 
-Reads the RolloutBatch columns prompt_token_ids, response_token_ids, response_logprobs, reward.
+Reads the RolloutBatch columns prompt_id, prompt_token_ids, response_token_ids, response_logprobs, policy_version,
+reward.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from learner.models import build_policy, reference_logits
+from learner.weight_export import WeightPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +141,7 @@ def init_distributed(rank: int, world: int, master_ip: str, master_port: int, nu
     return torch.device(get_accelerator().current_device_name())
 
 
-class LearnerWorker:
+class LearnerWorker(WeightPublisher):
     def __init__(self, cfg: LearnerConfig, rank: int, model_path: str, dtype: str, seed: int,
                  temperature: float, run_id: str):
         self.cfg, self.rank, self.world = cfg, rank, cfg.num_ranks
@@ -402,129 +405,6 @@ class LearnerWorker:
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(gn if gn is not None else 0.0)
                 steps += 1
         return {f"learner/{k}": v / steps for k, v in totals.items()}
-
-    # ---- weights ---------------------------------------------------------------------------------------------
-
-    def _gathered(self):
-        import contextlib
-
-        import deepspeed
-
-        if self.cfg.zero_stage == 3:
-            return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
-        return contextlib.nullcontext()
-
-    def export_weights(self, version: int, transport: str, bucket_mb: int, shm_dir: str = "/dev/shm") -> Any:
-        """Pack the policy's HF-named weights into buckets (rank 0); every rank joins the ZeRO-3 gather."""
-        from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets, shm_bucket_path
-
-        with self._gathered():
-            if self.rank != 0:
-                return None
-            t0 = time.perf_counter()
-            named = [(n, p.data) for n, p in self.module.lm.named_parameters()]
-            buckets, buffers = [], []
-            files = []
-            for i, group in enumerate(plan_buckets(named, bucket_mb << 20)):
-                if transport == "shm":
-                    path = shm_bucket_path(shm_dir, self.run_id, version, i)
-                    files.append(path)
-                    self.shm_files[version] = files  # before writing: a failure below still releases it
-                    bucket, buf = pack_bucket(group, lambda n, p=path: np.memmap(p, dtype=np.uint8, mode="w+",
-                                                                                  shape=(max(n, 1),))[:n])
-                    bucket.location = path
-                else:
-                    bucket, buf = pack_bucket(group, lambda n: np.empty(n, dtype=np.uint8))
-                buckets.append(bucket)
-                buffers.append(buf)
-            fp = fingerprint(buckets, buffers)
-            if transport == "shm":
-                for buf in buffers:
-                    if isinstance(buf, np.memmap):
-                        buf.flush()
-            elif transport == "collective":
-                self.collective_buffers = {version: buffers}  # until broadcast_weights sends them
-            else:
-                import ray  # only here: shm and collective need no Ray (benchmarks.gpu_check runs without it)
-
-                for bucket, buf in zip(buckets, buffers):
-                    bucket.location = ray.put(buf)
-            update = WeightUpdate(version, transport, buckets, fp, sum(b.nbytes for b in buckets))
-            update.pack_seconds = time.perf_counter() - t0
-            return update
-
-    def join_weight_group(self, master_ip: str, master_port: int, world: int, timeout_s: float) -> None:
-        """Rank 0 hosts the collective transport's group (its ranks 1.. are the engines' workers); others no-op."""
-        if self.rank == 0:
-            from oirl.weights import join_weight_group
-
-            self.weight_group = None  # drop an older group (an engine was replaced) before forming the new one
-            self.weight_group = join_weight_group(master_ip, master_port, 0, world, self.device, timeout_s)
-
-    def broadcast_weights(self, version: int, timeout_s: float) -> None:
-        """Send the buckets export_weights packed for ``version`` to every engine worker (rank 0; others no-op)."""
-        import torch
-
-        from oirl.weights import broadcast_bucket
-
-        if self.rank != 0:
-            return
-        if self.weight_group is None:
-            raise RuntimeError("broadcast_weights before join_weight_group: form the collective group first")
-        try:
-            for buf in self.collective_buffers.pop(version):
-                t = torch.from_numpy(buf)
-                broadcast_bucket(self.weight_group[0], t.to(self.device) if self.device.type == "cuda" else t,
-                                 timeout_s)
-        finally:
-            self.collective_buffers.pop(version, None)
-
-    def release_weights(self, version: int | None = None) -> None:
-        """Delete the /dev/shm files of a version once every engine has loaded it (None: of every version)."""
-        for v in list(self.shm_files) if version is None else [version]:
-            for path in self.shm_files.pop(v, []):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-
-    def close_shm(self) -> None:
-        """Delete every /dev/shm file of this run, its lock included (end of the run, or after a failure)."""
-        self.release_weights(None)
-        if self.shm_lock is not None:
-            try:
-                os.unlink(os.path.join(self.shm_dir, f"oirl-{self.run_id}.lock"))
-            except FileNotFoundError:
-                pass
-            os.close(self.shm_lock)
-            self.shm_lock = None
-
-    def logprobs(self, token_ids: list[list[int]], prompt_lens: list[int]) -> list[np.ndarray] | None:
-        """Learner logprobs (temperature 1) of tokens after prompt_lens[i]; the sync canary compares them."""
-        import torch
-
-        from learner import ppo
-        from oirl.batch import make_rollout_batch
-
-        table = make_rollout_batch(list(range(len(token_ids))), [0] * len(token_ids),
-                                   [t[:p] for t, p in zip(token_ids, prompt_lens)],
-                                   [t[p:] for t, p in zip(token_ids, prompt_lens)],
-                                   [[0.0] * (len(t) - p) for t, p in zip(token_ids, prompt_lens)],
-                                   ["length"] * len(token_ids), 0)
-        d = {k: v.to(self.device) for k, v in ppo.pad_batch(table, self.pad_id).items()}
-        with torch.no_grad():
-            logits, _ = self.engine(d["input_ids"], d["attention_mask"], d["resp_index"], 1.0)
-            lp = ppo.logprobs_from_logits(logits, d["resp_ids"]).cpu().numpy()
-        if self.rank != 0:
-            return None
-        return [lp[i, : len(t) - p] for i, (t, p) in enumerate(zip(token_ids, prompt_lens))]
-
-    def full_state(self) -> dict[str, np.ndarray] | None:
-        """Every trainable parameter as numpy (rank 0); for tests on tiny models."""
-        with self._gathered():
-            if self.rank != 0:
-                return None
-            return {n: p.detach().float().cpu().numpy().copy() for n, p in self.module.named_parameters()}
 
     # ---- persistence -----------------------------------------------------------------------------------------
 

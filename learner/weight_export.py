@@ -1,0 +1,144 @@
+"""The learner's publishing side, mixed into LearnerWorker: what the weight sync and its checks call on the ranks.
+
+Public methods (every rank is called; rank 0 does the work and returns the result):
+    export_weights(version, transport, bucket_mb) -> WeightUpdate | None   # buckets + fingerprint (ZeRO-3 gathers)
+    join_weight_group(ip, port, world, timeout_s)                          # collective transport: host the group
+    broadcast_weights(version, timeout_s)                                  # collective transport: send the buckets
+    release_weights(version | None) / close_shm()                          # /dev/shm hygiene
+    logprobs(token_ids, prompt_lens) -> list[np.ndarray] | None            # the post-sync canary's learner side
+    full_state() -> dict[str, np.ndarray] | None                           # every trainable parameter (tests)
+
+Expects from the worker: rank, cfg, module (the policy), engine (DeepSpeed), device, run_id, pad_id, shm_dir,
+shm_lock, shm_files, weight_group, collective_buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+
+class WeightPublisher:
+    def _gathered(self):
+        import contextlib
+
+        import deepspeed
+
+        if self.cfg.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def export_weights(self, version: int, transport: str, bucket_mb: int, shm_dir: str = "/dev/shm") -> Any:
+        """Pack the policy's HF-named weights into buckets (rank 0); every rank joins the ZeRO-3 gather."""
+        from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets, shm_bucket_path
+
+        with self._gathered():
+            if self.rank != 0:
+                return None
+            t0 = time.perf_counter()
+            named = [(n, p.data) for n, p in self.module.lm.named_parameters()]
+            buckets, buffers = [], []
+            files = []
+            for i, group in enumerate(plan_buckets(named, bucket_mb << 20)):
+                if transport == "shm":
+                    path = shm_bucket_path(shm_dir, self.run_id, version, i)
+                    files.append(path)
+                    self.shm_files[version] = files  # before writing: a failure below still releases it
+                    bucket, buf = pack_bucket(group, lambda n, p=path: np.memmap(p, dtype=np.uint8, mode="w+",
+                                                                                  shape=(max(n, 1),))[:n])
+                    bucket.location = path
+                else:
+                    bucket, buf = pack_bucket(group, lambda n: np.empty(n, dtype=np.uint8))
+                buckets.append(bucket)
+                buffers.append(buf)
+            fp = fingerprint(buckets, buffers)
+            if transport == "shm":
+                for buf in buffers:
+                    if isinstance(buf, np.memmap):
+                        buf.flush()
+            elif transport == "collective":
+                self.collective_buffers = {version: buffers}  # until broadcast_weights sends them
+            else:
+                import ray  # only here: shm and collective need no Ray (benchmarks.gpu_check runs without it)
+
+                for bucket, buf in zip(buckets, buffers):
+                    bucket.location = ray.put(buf)
+            update = WeightUpdate(version, transport, buckets, fp, sum(b.nbytes for b in buckets))
+            update.pack_seconds = time.perf_counter() - t0
+            return update
+
+    def join_weight_group(self, master_ip: str, master_port: int, world: int, timeout_s: float) -> None:
+        """Rank 0 hosts the collective transport's group (its ranks 1.. are the engines' workers); others no-op."""
+        if self.rank == 0:
+            from oirl.weights import join_weight_group
+
+            self.weight_group = None  # drop an older group (an engine was replaced) before forming the new one
+            self.weight_group = join_weight_group(master_ip, master_port, 0, world, self.device, timeout_s)
+
+    def broadcast_weights(self, version: int, timeout_s: float) -> None:
+        """Send the buckets export_weights packed for ``version`` to every engine worker (rank 0; others no-op)."""
+        import torch
+
+        from oirl.weights import broadcast_bucket
+
+        if self.rank != 0:
+            return
+        if self.weight_group is None:
+            raise RuntimeError("broadcast_weights before join_weight_group: form the collective group first")
+        try:
+            for buf in self.collective_buffers.pop(version):
+                t = torch.from_numpy(buf)
+                broadcast_bucket(self.weight_group[0], t.to(self.device) if self.device.type == "cuda" else t,
+                                 timeout_s)
+        finally:
+            self.collective_buffers.pop(version, None)
+
+    def release_weights(self, version: int | None = None) -> None:
+        """Delete the /dev/shm files of a version once every engine has loaded it (None: of every version)."""
+        for v in list(self.shm_files) if version is None else [version]:
+            for path in self.shm_files.pop(v, []):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+    def close_shm(self) -> None:
+        """Delete every /dev/shm file of this run, its lock included (end of the run, or after a failure)."""
+        self.release_weights(None)
+        if self.shm_lock is not None:
+            try:
+                os.unlink(os.path.join(self.shm_dir, f"oirl-{self.run_id}.lock"))
+            except FileNotFoundError:
+                pass
+            os.close(self.shm_lock)
+            self.shm_lock = None
+
+    def logprobs(self, token_ids: list[list[int]], prompt_lens: list[int]) -> list[np.ndarray] | None:
+        """Learner logprobs (temperature 1) of tokens after prompt_lens[i]; the sync canary compares them."""
+        import torch
+
+        from learner import ppo
+        from oirl.batch import make_rollout_batch
+
+        table = make_rollout_batch(list(range(len(token_ids))), [0] * len(token_ids),
+                                   [t[:p] for t, p in zip(token_ids, prompt_lens)],
+                                   [t[p:] for t, p in zip(token_ids, prompt_lens)],
+                                   [[0.0] * (len(t) - p) for t, p in zip(token_ids, prompt_lens)],
+                                   ["length"] * len(token_ids), 0)
+        d = {k: v.to(self.device) for k, v in ppo.pad_batch(table, self.pad_id).items()}
+        with torch.no_grad():
+            logits, _ = self.engine(d["input_ids"], d["attention_mask"], d["resp_index"], 1.0)
+            lp = ppo.logprobs_from_logits(logits, d["resp_ids"]).cpu().numpy()
+        if self.rank != 0:
+            return None
+        return [lp[i, : len(t) - p] for i, (t, p) in enumerate(zip(token_ids, prompt_lens))]
+
+    def full_state(self) -> dict[str, np.ndarray] | None:
+        """Every trainable parameter as numpy (rank 0); for tests on tiny models."""
+        with self._gathered():
+            if self.rank != 0:
+                return None
+            return {n: p.detach().float().cpu().numpy().copy() for n, p in self.module.named_parameters()}
