@@ -16,7 +16,6 @@ user to ``--resume``. Every wait has ``rollout.timeout_s``.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,20 +25,21 @@ import ray
 
 from actors.rollout_worker import RolloutConfig, RolloutWorker
 from oirl import faults
-from oirl.remote import RemoteError, get_all
+from oirl.remote import ActorDiedError, RemoteError, get_all
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Generation:
-    """One batch being generated: its shards (prompts, seeds) per engine, the refs still pending, the results."""
+    """One batch being generated: its shards (prompts, seeds) per engine, the engines with a non-empty shard and
+    one ref per such engine."""
 
     iteration: int
     version: int
     shards: list[tuple[list[Any], list[int]]]
-    pending: dict[Any, int] = field(default_factory=dict)
-    results: dict[int, pa.Table] = field(default_factory=dict)
+    engines: list[int] = field(default_factory=list)
+    refs: list[Any] = field(default_factory=list)
 
 
 class EnginePool:
@@ -65,7 +65,8 @@ class EnginePool:
         prompts: oirl.data.Prompt rows; seeds: one per prompt."""
         n = len(self.engines)
         gen = Generation(iteration, version, [(prompts[i::n], seeds[i::n]) for i in range(n)])
-        gen.pending = {self._submit(gen, i): i for i in range(n) if gen.shards[i][0]}
+        gen.engines = [i for i in range(n) if gen.shards[i][0]]
+        gen.refs = [self._submit(gen, i) for i in gen.engines]
         faults.point("generate", iteration)
         if faults.actor_to_kill("engine", iteration):
             logger.warning("OIRL_FAULT: killing engine 0 during generate of iteration %d", iteration)
@@ -79,31 +80,24 @@ class EnginePool:
     def collect(self, gen: Generation, resync: Callable[[Any], int]) -> pa.Table:
         """Wait for every shard of ``gen``. resync(engine) loads the learner's current version into a replacement
         engine and returns that version (the shard is then regenerated with it and the same seeds)."""
-        deadline = time.monotonic() + self.cfg.timeout_s
-        while gen.pending:
-            ready, _ = ray.wait(list(gen.pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                late = ", ".join(f"engine {i}" for i in sorted(gen.pending.values()))
-                raise TimeoutError(f"generate (iteration {gen.iteration}) did not finish within "
-                                   f"{self.cfg.timeout_s}s (rollout.timeout_s); still running: {late}")
-            i = gen.pending.pop(ready[0])
+        what = f"generate (iteration {gen.iteration})"
+        while True:
             try:
-                gen.results[i] = ray.get(ready[0])
-            except ray.exceptions.RayActorError as e:
+                return pa.concat_tables(get_all(gen.refs, self.cfg.timeout_s, what,
+                                                [f"engine {i}" for i in gen.engines],
+                                                hint="rollout.timeout_s bounds each generate call"))
+            except ActorDiedError as e:
+                i = gen.engines[e.index]
                 if self.restarts >= self.cfg.max_restarts:
                     raise RemoteError(f"engine {i} died during generate of iteration {gen.iteration} and "
                                       f"rollout.max_restarts={self.cfg.max_restarts} replacements are used up; "
                                       "rerun with --resume to continue from the last checkpoint") from e
                 self.restarts += 1
                 logger.warning("engine %d died during generate of iteration %d (%s); replacing it (%d/%d)", i,
-                               gen.iteration, type(e).__name__, self.restarts, self.cfg.max_restarts)
+                               gen.iteration, type(e.__cause__).__name__, self.restarts, self.cfg.max_restarts)
                 self.engines[i] = self._spawn(i)
                 gen.version = resync(self.engines[i])
-                gen.pending[self._submit(gen, i)] = i
-                deadline = max(deadline, time.monotonic() + self.cfg.timeout_s)
-            except ray.exceptions.RayTaskError as e:
-                raise RemoteError(f"generate (iteration {gen.iteration}): engine {i} failed: {e}") from e
-        return pa.concat_tables([gen.results[i] for i in sorted(gen.results)])
+                gen.refs[e.index] = self._submit(gen, i)  # the others' finished results are fetched again, cheaply
 
     def shutdown(self) -> None:
         for i, e in enumerate(self.engines):

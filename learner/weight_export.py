@@ -88,13 +88,9 @@ class WeightPublisher:
             return
         if self.weight_group is None:
             raise RuntimeError("broadcast_weights before join_weight_group: form the collective group first")
-        try:
-            for buf in self.collective_buffers.pop(version):
-                t = torch.from_numpy(buf)
-                broadcast_bucket(self.weight_group[0], t.to(self.device) if self.device.type == "cuda" else t,
-                                 timeout_s)
-        finally:
-            self.collective_buffers.pop(version, None)
+        for buf in self.collective_buffers.pop(version):  # popped: sent or failed, they are not kept
+            t = torch.from_numpy(buf)
+            broadcast_bucket(self.weight_group[0], t.to(self.device) if self.device.type == "cuda" else t, timeout_s)
 
     def release_weights(self, version: int | None = None) -> None:
         """Delete the /dev/shm files of a version once every engine has loaded it (None: of every version)."""
@@ -107,10 +103,12 @@ class WeightPublisher:
 
     def close_shm(self) -> None:
         """Delete every /dev/shm file of this run, its lock included (end of the run, or after a failure)."""
+        from oirl.weights import shm_lock_path
+
         self.release_weights(None)
         if self.shm_lock is not None:
             try:
-                os.unlink(os.path.join(self.shm_dir, f"oirl-{self.run_id}.lock"))
+                os.unlink(shm_lock_path(self.shm_dir, self.run_id))
             except FileNotFoundError:
                 pass
             os.close(self.shm_lock)

@@ -90,8 +90,6 @@ def check_against_checkpoint(update: Any, expected: dict[str, tuple[int, ...]] |
     mis-shaped tensor."""
     if expected is None:
         return None
-    import torch
-
     from oirl.weights import _DTYPES
 
     metas = {m.name: m for b in update.buckets for m in b.tensors}
@@ -103,8 +101,7 @@ def check_against_checkpoint(update: Any, expected: dict[str, tuple[int, ...]] |
         raise SyncError(f"version {update.version} does not match the model checkpoint's tensors: missing "
                         f"{missing[:5]}, unexpected {extra[:5]}, wrong shape {wrong[:5]}; the learner publishes "
                         "names the engines cannot load")
-    total = sum(int(np.prod(m.shape)) * torch.empty(0, dtype=_DTYPES[m.dtype]).element_size()
-                for m in metas.values())
+    total = sum(int(np.prod(m.shape)) * _DTYPES[m.dtype].itemsize for m in metas.values())
     if total != update.nbytes:
         raise SyncError(f"version {update.version}: buckets hold {update.nbytes} bytes but their tensors need {total}")
     return float(total)

@@ -140,6 +140,10 @@ def shm_bucket_path(shm_dir: str, run_id: str, version: int, index: int) -> str:
     return os.path.join(shm_dir, f"oirl-{run_id}-v{version}-b{index}.bin")
 
 
+def shm_lock_path(shm_dir: str, run_id: str) -> str:
+    return os.path.join(shm_dir, f"oirl-{run_id}.lock")
+
+
 def claim_shm(shm_dir: str, run_id: str) -> int:
     """Hold this run's lock for the life of the calling process; returns the file descriptor (keep it open).
 
@@ -150,7 +154,7 @@ def claim_shm(shm_dir: str, run_id: str) -> int:
     tmp = os.path.join(shm_dir, f"oirl-{run_id}.lock.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_CREAT | os.O_RDWR, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.rename(tmp, os.path.join(shm_dir, f"oirl-{run_id}.lock"))
+    os.rename(tmp, shm_lock_path(shm_dir, run_id))
     return fd
 
 
