@@ -48,5 +48,26 @@ def run_id() -> str:
     return uuid.uuid4().hex[:8]
 
 
+def pytest_sessionfinish(session, exitstatus):
+    session.config._oirl_exitstatus = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the process without interpreter finalisation once pytest has reported its verdict.
+
+    Why: this process is a Ray driver (module fixtures init and shut down Ray) and holds torch thread pools and
+    daemon server threads; their teardown during interpreter finalisation is racy and segfaulted once in CI
+    *after* "252 passed" was printed (exit 139). Every fixture has already been torn down and the summary written
+    when this hook runs, so skipping finalisation loses nothing and keeps the exit status the tests earned.
+    OIRL_TEST_FINALIZE=1 keeps the normal exit (to chase the crash itself)."""
+    status = getattr(config, "_oirl_exitstatus", None)
+    if status is None or os.environ.get("OIRL_TEST_FINALIZE") == "1":
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def oirl_cmd() -> list[str]:
     return [sys.executable, "-m", "oirl.cli"]
