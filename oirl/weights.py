@@ -2,7 +2,7 @@
 
 The learner packs HF-named tensors into buckets of at most ``bucket_bytes`` (one tensor never splits; a tensor
 larger than the limit gets a bucket of its own). Each bucket is one uint8 buffer plus a list of TensorMeta, so a
-sync is a handful of large transfers, never one RPC per parameter. The fingerprint is a BLAKE2b hash of every
+sync is a handful of large transfers, never one RPC per parameter. The fingerprint is an XXH3-128 hash of every
 bucket's metadata and bytes in order; the learner computes it when packing, each engine recomputes it on what it
 received before loading, and reports it with the version it serves.
 
@@ -14,15 +14,14 @@ Transports (chosen by ``sync.transport``):
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
                                torch.int32, torch.uint8, torch.bool)}
@@ -109,23 +108,19 @@ def unpack_bucket(bucket: Bucket, buf: np.ndarray) -> Iterator[tuple[str, torch.
         yield m.name, raw[m.offset: m.offset + m.nbytes].view(_DTYPES[m.dtype]).view(m.shape)
 
 
-def fingerprint(buckets: list[Bucket], buffers: list[np.ndarray], chunk_bytes: int = 32 << 20) -> str:
-    """BLAKE2b over every tensor's metadata and the digests of 32 MiB chunks of the bucket bytes, in order.
+def fingerprint(buckets: list[Bucket], buffers: list[np.ndarray]) -> str:
+    """XXH3-128 over every tensor's metadata (name, dtype, shape, offset, size), then every bucket's bytes, in order.
 
-    Chunks hash on a thread pool (hashlib releases the GIL on large updates), so verifying a 0.5 GB model uses
-    every core instead of one."""
-    views = []
-    for buf in buffers:
-        mv = memoryview(buf).cast("B")  # type: ignore[arg-type]
-        views += [mv[i: i + chunk_bytes] for i in range(0, len(mv), chunk_bytes)] or [mv]
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda v: hashlib.blake2b(v, digest_size=16).digest(), views))
-    h = hashlib.blake2b(digest_size=16)
+    XXH3 runs at memory speed (20 GB/s measured on this 2-core box, BLAKE2b 1 GB/s), so hashing 0.5 GB on both sides
+    costs tens of milliseconds instead of ~1 s. A non-cryptographic hash is the right tool here: the check catches
+    corrupt, truncated, stale or mislabelled weights; whoever could forge bytes in the learner's buffers could forge
+    the fingerprint beside them too."""
+    h = xxhash.xxh3_128()
     for bucket in buckets:
         for m in bucket.tensors:
             h.update(f"{m.name}|{m.dtype}|{m.shape}|{m.offset}|{m.nbytes};".encode())
-    for d in digests:
-        h.update(d)
+    for buf in buffers:
+        h.update(memoryview(buf).cast("B"))  # type: ignore[arg-type]
     return h.hexdigest()
 
 

@@ -1,5 +1,7 @@
 """RolloutBatch schema helpers and the weight bucket wire format."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -46,5 +48,8 @@ def test_buckets_roundtrip_and_fingerprint():
         assert out[name].dtype == t.dtype and torch.equal(out[name], t)
     fp = fingerprint(buckets, buffers)
     assert fp == fingerprint(buckets, [b.copy() for b in buffers])
+    renamed = [dataclasses.replace(buckets[0], tensors=[dataclasses.replace(buckets[0].tensors[0], name="z")]),
+               *buckets[1:]]
+    assert fingerprint(renamed, buffers) != fp  # the same bytes under another name are other weights
     buffers[1][17] ^= 1  # one flipped bit anywhere changes the fingerprint
     assert fingerprint(buckets, buffers) != fp
