@@ -63,6 +63,8 @@ class RolloutConfig:
     async_steps: int = 0
     """0: strictly on-policy (iteration k samples with version k). 1: one-step-off: the batch of k+1 is generated
     with version k while the learner trains on batch k (importance-corrected, learner.importance_cap)."""
+    ignore_eos: bool = False
+    """Benchmark mode: every sample runs to max_new_tokens, so systems compared side by side do equal work."""
     max_restarts: int = 2
     """Engines that die mid-generate are replaced (synced to the current version, shard regenerated with the same
     seeds) up to this many times per run; then the run stops and names the engine."""
@@ -141,7 +143,8 @@ class RolloutWorker:
             )
         seeds = seeds if seeds is not None else [None] * len(prompt_ids)
         params = [SamplingParams(n=self.cfg.samples_per_prompt, temperature=self.cfg.temperature,
-                                 top_p=self.cfg.top_p, top_k=self.cfg.top_k, max_tokens=self.cfg.max_new_tokens, logprobs=0, seed=s)
+                                 top_p=self.cfg.top_p, top_k=self.cfg.top_k, max_tokens=self.cfg.max_new_tokens,
+                                 logprobs=0, seed=s, ignore_eos=self.cfg.ignore_eos)
                   for s in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params,
                                     use_tqdm=False)
@@ -195,6 +198,37 @@ class RolloutWorker:
         return {"engine": self.engine_index, "version": update.version, "fetch_s": t_fetch - t0,
                 "verify_s": max(r["verify_s"] for r in reports), "reload_s": max(r["reload_s"] for r in reports),
                 "seconds": time.perf_counter() - t0}
+
+    # ---- benchmark hooks (benchmarks/sync.py) -------------------------------------------------------------------
+
+    def reload_floor(self, update: Any, timeout_s: float = 300.0) -> float:
+        """Seconds of the worker's in-place reload of ``update``'s tensors once they sit in its memory: the floor
+        a sync is measured against. The engine serves the same weights afterwards (version unchanged)."""
+        import ray
+
+        from oirl.weights import bucket_to_wire
+
+        if update.transport == "shm":
+            arrays: list[Any] = [b.location for b in update.buckets]
+        elif update.transport == "object_store":
+            arrays = [bytes(a) for a in ray.get([b.location for b in update.buckets], timeout=timeout_s)]
+        else:
+            raise ValueError(f"reload_floor needs an shm or object_store update, not {update.transport!r}")
+        seconds = self.llm.collective_rpc("oirl_reload_floor", args=([bucket_to_wire(b) for b in update.buckets],
+                                                                     arrays))
+        self.llm.reset_prefix_cache()
+        return max(seconds)
+
+    def stage_tensor(self, name: str, dtype: str, shape: list[int], raw: bytes) -> None:
+        """Per-parameter baseline: one RPC (actor, then worker) per tensor, as one-call-per-tensor syncs do."""
+        self.llm.collective_rpc("oirl_stage_tensor", args=(name, dtype, shape, raw))
+
+    def reload_staged(self, version: int) -> int:
+        """Per-parameter baseline: load what stage_tensor kept; the engine then serves ``version`` (unverified)."""
+        counts = self.llm.collective_rpc("oirl_reload_staged")
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return min(counts)
 
     def join_weight_group(self, master_ip: str, master_port: int, rank: int, world: int, timeout_s: float) -> None:
         """The engine's worker joins the collective transport's group as ``rank`` (tensor parallel 1: one worker)."""

@@ -73,6 +73,37 @@ class WeightReceiver:
         return {"version": version, "fingerprint": computed, "verify_s": t_hash - t0,
                 "reload_s": time.perf_counter() - t_hash}
 
+    # ---- benchmark hooks (benchmarks/sync.py): the floor and the per-parameter baseline ---------------------------
+
+    def oirl_reload_floor(self, buckets: list[Any], arrays: list[Any]) -> float:
+        """Seconds of the in-place reload alone, of tensors already in this process's memory (copied in untimed):
+        the part of a sync no transport can avoid. Loads the same weights again; version and fingerprint stay."""
+        from oirl.weights import bucket_from_wire, unpack_bucket
+
+        buckets = [bucket_from_wire(b) for b in buckets]
+        resident = [np.array(np.memmap(a, dtype=np.uint8, mode="r") if isinstance(a, str)
+                             else np.frombuffer(a, dtype=np.uint8)) for a in arrays]
+        t0 = time.perf_counter()
+        named = itertools.chain.from_iterable(unpack_bucket(b, buf) for b, buf in zip(buckets, resident))
+        self.model_runner.reload_weights(weights_iterator=_with_tied_head(named))
+        return time.perf_counter() - t0
+
+    def oirl_stage_tensor(self, name: str, dtype: str, shape: list[int], raw: bytes) -> None:
+        """Per-parameter baseline: keep one tensor that arrived in its own RPC (as one-call-per-tensor syncs do)."""
+        import torch
+
+        from oirl.weights import _DTYPES
+
+        staged = getattr(self, "oirl_staged", None) or {}
+        staged[name] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(_DTYPES[dtype]).view(shape)
+        self.oirl_staged = staged
+
+    def oirl_reload_staged(self) -> int:
+        """Load every staged tensor in one reload (vLLM's layerwise reload wants the full set); returns the count."""
+        staged, self.oirl_staged = getattr(self, "oirl_staged", None) or {}, {}
+        self.model_runner.reload_weights(weights_iterator=_with_tied_head(iter(staged.items())))
+        return len(staged)
+
     def oirl_served(self) -> dict:
         """The version and the worker-computed fingerprint of the weights it last loaded (-1 before any sync)."""
         return {"version": getattr(self, "oirl_version", -1), "fingerprint": getattr(self, "oirl_fingerprint", "")}

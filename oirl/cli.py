@@ -3,6 +3,7 @@
     oirl train [--config F] [--out DIR] [--resume] [--address ADDR] [dotted.overrides ...]
     oirl prepare-model [--config F]      # convert/build the model once (cached)
     oirl show-config [--config F] [overrides ...]
+    oirl bench rollout|sync|gsm8k [--quick] --out DIR   # benchmarks/, JSON under DIR
 """
 
 from __future__ import annotations
@@ -16,6 +17,26 @@ import sys
 from pathlib import Path
 
 from oirl.config import OFFLINE_ENV, REPO_ROOT, ConfigError, load_config
+
+# `oirl bench <name>`: the module that runs it (from the repository root; anything that starts Ray wants
+# deploy/loopback.sh around the command) and whether it has a --quick mode.
+BENCHMARKS = {"rollout": ("benchmarks.rollout", True), "sync": ("benchmarks.sync", True),
+              "gsm8k": ("benchmarks.gsm8k_algorithms", False)}
+NOT_BUILT = {"e2e", "scaling", "memory"}
+
+
+def _bench(name: str, out: str, quick: bool, rest: list[str]) -> int:
+    import subprocess
+
+    if name in NOT_BUILT:
+        print(f"oirl: benchmark {name!r} is not built yet; built: {', '.join(sorted(BENCHMARKS))}", file=sys.stderr)
+        return 2
+    module, has_quick = BENCHMARKS[name]
+    if quick and not has_quick:
+        print(f"oirl: benchmark {name!r} has no --quick mode; pass its own size options instead", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", module, "--out", out, *(["--quick"] if quick else []), *rest]
+    return subprocess.run(cmd, cwd=REPO_ROOT).returncode
 
 
 def _config_path(arg: str | None) -> str:
@@ -64,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     p_pref.add_argument("--out", required=True, help="Parquet file to write")
     p_pref.add_argument("--questions", type=int, default=256)
     p_pref.add_argument("--samples", type=int, default=2, help="samples per question (one wrong one is kept)")
+    p_bench = sub.add_parser("bench", help="run a benchmark (benchmarks/<name>.py); it writes DIR/<name>.json")
+    p_bench.add_argument("name", choices=sorted(BENCHMARKS) + sorted(NOT_BUILT))
+    p_bench.add_argument("--out", required=True)
+    p_bench.add_argument("--quick", action="store_true", help="a few minutes here (where the benchmark has it)")
     args, rest = parser.parse_known_args(argv)
     for key, value in OFFLINE_ENV.items():  # set before transformers/huggingface_hub are imported
         os.environ.setdefault(key, value)
@@ -72,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "train-rm":
         return _train_rm(args.data, args.out, args.backbone, rest)
+    if args.command == "bench":
+        return _bench(args.name, args.out, args.quick, rest)
     if args.command == "submit":
         from oirl.submit import submit
 
