@@ -88,7 +88,7 @@ def synthetic(variants: list[str], seeds: list[int], iterations: int) -> dict[st
                       f"(prepare {phases['prepare'][-1]:.3f}, update {phases['update'][-1]:.3f}), peak RSS "
                       f"{rss[-1]:.0f} MiB ({time.perf_counter() - t0:.0f} s run)", flush=True)
             results[variant] = {
-                "overrides": VARIANTS[variant], "per_seed": curves,
+                "overrides": VARIANTS[variant], "seeds": seeds, "per_seed": curves,
                 "reward_mean": [statistics.fmean(c[i] for c in curves) for i in range(iterations)],
                 "reward_sem": [sem([c[i] for c in curves]) for i in range(iterations)],
                 "gain_mean": statistics.fmean(gains), "gain_sem": sem(gains), "gain_per_seed": gains,
@@ -187,11 +187,14 @@ def main() -> int:
         return 0
     path = RESULTS / "algorithms.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
+    for kept in old.get("results", {}).values():  # written before seeds were recorded per variant
+        if isinstance(old.get("seeds"), list):
+            kept.setdefault("seeds", old["seeds"])
     synth = {**old.get("results", {}), **synthetic(args.variants, args.seeds, args.iterations)}
     cost = {**old.get("critic_cost", {}).get("results", {}), **critic_cost(args.cost_variants)}
     path.write_text(json.dumps({
         "task": "configs/smoke.yaml: tiny random Llama, synthetic digit reward, 8 prompts x 4 samples per iteration",
-        "seeds": args.seeds, "iterations": args.iterations, "machine": "2-core CPU box, one run at a time",
+        "seeds": "per variant, results[<variant>]['seeds']", "iterations": args.iterations, "machine": "2-core CPU box, one run at a time",
         "gain": "mean reward of the last 3 iterations minus the first 3, per seed; mean and standard error over seeds",
         "timing": "median over iterations 1.. of timing_s/<phase>, then median over seeds; peak RSS: max over "
                   "iterations of learner/peak_rss_mib (max over the learner ranks), mean over seeds",
@@ -202,18 +205,18 @@ def main() -> int:
                     "seconds of the second iteration, peak RSS of the process (ru_maxrss)",
             "results": cost},
         "savings": savings(synth, cost)}, indent=2))
-    plot(synth, RESULTS / "algorithms.png")
+    plot(synth, cost, RESULTS / "algorithms.png")
     print(f"wrote {path}")
     return 0
 
 
-def plot(results: dict[str, dict], path: Path) -> None:
+def plot(results: dict[str, dict], cost: dict[str, dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [3, 2, 1.3]})
     for name, r in results.items():
         it = range(len(r["reward_mean"]))
         ax.plot(it, r["reward_mean"], label=f"{name} (gain {r['gain_mean']:+.3f} ± {r['gain_sem']:.3f})")
@@ -237,6 +240,19 @@ def plot(results: dict[str, dict], path: Path) -> None:
     bx.set_title("learner time per phase; peak learner RSS above bars", fontsize=9)
     bx.margins(y=0.2)
     bx.legend(fontsize=7)
+    names = list(cost)
+    prep = [cost[n]["prepare_s"] for n in names]
+    upd = [cost[n]["update_s"] for n in names]
+    cx.bar(range(len(names)), prep, label="prepare")
+    cx.bar(range(len(names)), upd, bottom=prep, label="update")
+    for i, n in enumerate(names):
+        cx.text(i, prep[i] + upd[i], f"{cost[n]['peak_rss_mib'] / 1024:.1f}\nGiB", ha="center", va="bottom",
+                fontsize=7)
+    cx.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    cx.set_ylabel("seconds (second iteration)")
+    cx.set_title("SmolLM2-135M, 1 rank: the critic's cost;\npeak RSS above bars", fontsize=9)
+    cx.margins(y=0.2)
+    cx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
