@@ -7,21 +7,43 @@ Public methods (every rank is called; rank 0 does the work and returns the resul
     release_weights(version | None) / close_shm()                          # /dev/shm hygiene
     logprobs(token_ids, prompt_lens) -> list[np.ndarray] | None            # the post-sync canary's learner side
     full_state() -> dict[str, np.ndarray] | None                           # every trainable parameter (tests)
+    save_hf(dir)                                                           # the final policy as an HF folder
+    claim_shm_dir()                                                        # at setup: lock, dead runs' files
 
-Expects from the worker: rank, cfg, module (the policy), engine (DeepSpeed), device, run_id, pad_id, shm_dir,
-shm_lock, shm_files, weight_group, collective_buffers.
+Only the policy is published: PPO's separate critic (learner/critic.py) never reaches the engines.
+
+Expects from the worker: rank, cfg, module (the policy), engine (DeepSpeed), device, run_id, pad_id, model_path,
+shm_dir, shm_lock, shm_files, weight_group, collective_buffers.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
+
 
 class WeightPublisher:
+    def claim_shm_dir(self) -> None:
+        """Every rank cleans its node's /dev/shm of dead runs' buckets (never a live run's); rank 0 holds the
+        run's lock there while it lives."""
+        from oirl.weights import claim_shm, clean_stale_shm
+
+        if not os.path.isdir(self.shm_dir):
+            return
+        if self.rank == 0:
+            self.shm_lock = claim_shm(self.shm_dir, self.run_id)
+        stale = clean_stale_shm(self.shm_dir, self.run_id)
+        if stale:
+            logger.warning("removed %d /dev/shm files left by runs that are no longer alive", len(stale))
+
     def _gathered(self):
         import contextlib
 
@@ -140,3 +162,23 @@ class WeightPublisher:
             if self.rank != 0:
                 return None
             return {n: p.detach().float().cpu().numpy().copy() for n, p in self.module.named_parameters()}
+
+    def save_hf(self, out_dir: str) -> None:
+        """The policy as a plain HF folder (weights + config + tokenizer) that transformers and vLLM load; a shared
+        value head goes beside it as value_head.pt."""
+        import torch
+
+        with self._gathered():
+            if self.rank != 0:
+                return
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            state = {n: p.detach().cpu().clone() for n, p in self.module.lm.state_dict().items()}
+            self.module.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
+            if self.module.value_head is not None:
+                torch.save(self.module.value_head.state_dict(), out / "value_head.pt")
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "chat_template.jinja", "generation_config.json"):
+                src = Path(self.model_path) / name
+                if src.is_file():
+                    shutil.copy(src, out / name)

@@ -321,6 +321,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _check(lr.algorithm not in ("grpo", "rloo") or r.samples_per_prompt >= 2,
            f"learner.algorithm={lr.algorithm} compares the samples of one prompt: rollout.samples_per_prompt="
            f"{r.samples_per_prompt} must be >= 2")
+    _validate_critic(cfg, check_paths)
     _check(lr.ref_dtype in ("", "bfloat16", "float32"),
            f"learner.ref_dtype={lr.ref_dtype!r} must be '' (the model's dtype), 'bfloat16' or 'float32'")
     for name in ("vf_coef", "kl_coef", "entropy_coef", "weight_decay", "max_grad_norm"):
@@ -364,3 +365,33 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     for name, value in (("rollout.timeout_s", r.timeout_s), ("learner.timeout_s", lr.timeout_s),
                         ("reward.timeout_s", rw.timeout_s), ("sync.timeout_s", s.timeout_s)):
         _check(value > 0, f"{name}={value} must be > 0: every remote wait needs a timeout")
+
+
+def _validate_critic(cfg: RunConfig, check_paths: bool) -> None:
+    """PPO's critic settings (learner/critic.py). The separate critic's compatibility with the policy (model type,
+    vocabulary) needs the resolved model and is checked by the driver (learner.critic.check_critic_init)."""
+    lr = cfg.learner
+    _check(lr.critic in ("shared", "separate"),
+           f"learner.critic={lr.critic!r} must be 'shared' (a value head on the policy's backbone) or 'separate' "
+           "(its own model and optimizer)")
+    _check(lr.critic_lr >= 0, f"learner.critic_lr={lr.critic_lr} must be >= 0 (0 = learner.lr)")
+    _check(lr.critic_warmup_iterations >= 0,
+           f"learner.critic_warmup_iterations={lr.critic_warmup_iterations} must be >= 0")
+    critic_only = [f"learner.{name}={getattr(lr, name)!r}" for name, default in
+                   (("critic_lr", 0.0), ("critic_warmup_iterations", 0), ("critic_init", "policy"))
+                   if getattr(lr, name) != default]
+    _check(lr.algorithm == "ppo" or not critic_only,
+           f"{', '.join(critic_only)}: learner.algorithm={lr.algorithm} has no critic; remove the setting or use "
+           "learner.algorithm=ppo")
+    _check(lr.critic == "separate" or not critic_only,
+           f"{', '.join(critic_only)} configures the separate critic, but learner.critic=shared (a value head "
+           "trained with the policy's loss and learner.lr, from the policy's backbone); set "
+           "learner.critic=separate or remove the setting")
+    _check(lr.critic_warmup_iterations < cfg.iterations,
+           f"learner.critic_warmup_iterations={lr.critic_warmup_iterations} >= iterations={cfg.iterations}: the "
+           "policy would never train; lower learner.critic_warmup_iterations")
+    if lr.critic_init != "policy" and check_paths:
+        _check((resolve_path(lr.critic_init) / "config.json").is_file(),
+               f"learner.critic_init={lr.critic_init!r} must be 'policy' or a reward-model folder (config.json "
+               f"not found in {resolve_path(lr.critic_init)}); train one with `oirl train-rm --backbone <the "
+               "policy's model folder> --out DIR` and set learner.critic_init=DIR")

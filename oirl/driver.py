@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import ray
 
 from actors.engine_pool import EnginePool
+from learner.critic import check_critic_init
 from learner.group import LearnerGroup
 from oirl import checkpoint, faults
 from oirl.batch import add_column, validate_versions
@@ -84,6 +85,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     model_path = str(resolve_model(cfg.model))
     dataset = PromptDataset(cfg.data, AutoTokenizer.from_pretrained(model_path))
     expected_tensors = checkpoint_tensors(model_path)  # the independent count every sync is checked against
+    check_critic_init(cfg.learner.critic_init, model_path)  # a reward model the critic can start from
     committed = checkpoint.read_commit(ckpt_dir) if resume else None
     if resume and committed is None:
         raise FileNotFoundError(f"--resume: no committed checkpoint under {ckpt_dir}; run without --resume first")

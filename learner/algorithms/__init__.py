@@ -3,14 +3,22 @@
 grpo.py          GRPO / Dr. GRPO group-normalised outcome advantage
 rloo.py          RLOO leave-one-out baseline
 reinforce_pp.py  REINFORCE++ returns with per-token KL, normalised over the global batch
-losses.py        loss aggregation (token / sequence means, Dr. GRPO constant), k3 KL loss, truncated IS weights
+losses.py        loss aggregation (token / sequence means, Dr. GRPO constant), k3 KL loss, truncated IS weights,
+                 the policy's whole per-token loss
+advantages.py    which estimator each learner.algorithm uses (GAE for PPO, the ones above otherwise)
 
 GAE, the clipped surrogate, the value loss and the KL estimators live in learner/ppo.py. Every function keeps its
 outputs on its inputs' device.
 """
 
 from learner.algorithms.grpo import group_index, group_stats, grpo_advantages
-from learner.algorithms.losses import AGGREGATION_MODES, aggregate, kl_loss_k3, truncated_importance_weights
+from learner.algorithms.losses import (
+    AGGREGATION_MODES,
+    aggregate,
+    kl_loss_k3,
+    policy_token_loss,
+    truncated_importance_weights,
+)
 from learner.algorithms.reinforce_pp import (
     masked_moments,
     reinforce_pp_advantages,
@@ -27,6 +35,7 @@ __all__ = [
     "grpo_advantages",
     "kl_loss_k3",
     "masked_moments",
+    "policy_token_loss",
     "reinforce_pp_advantages",
     "reinforce_pp_returns",
     "rloo_advantages",

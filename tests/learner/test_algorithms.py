@@ -335,3 +335,64 @@ def test_every_function_stays_on_the_inputs_device():
         assert t.device == META, f"output {i} left the inputs' device"
     for t in outs[1:8]:
         assert t.shape == (b, r)
+
+
+# ---- which estimator each learner.algorithm uses, and the policy's whole per-token loss ----
+
+def test_per_token_advantages_picks_each_algorithms_estimator_by_hand():
+    from types import SimpleNamespace
+
+    from learner.algorithms.advantages import per_token_advantages
+
+    def cfg(algorithm, **kw):
+        return SimpleNamespace(algorithm=algorithm, kl_coef=0.5, kl_in_loss=False, gamma=1.0, gae_lambda=1.0,
+                               grpo_scale_by_std=True, **kw)
+
+    # This rank holds rows 1 and 3 of a batch of 5; groups {0, 1, 2} and {3, 4}; responses of 2 and 1 tokens.
+    batch_rewards, groups = torch.tensor([1.0, 0.0, 2.0, 2.0, 2.0]), torch.tensor([7, 7, 7, 9, 9])
+    rows, reward = torch.tensor([1, 3]), torch.tensor([0.0, 2.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    kl = torch.tensor([[0.2, 0.4], [0.1, 0.0]])
+    # GRPO: group {1, 0, 2} has mean 1 and population std sqrt(2/3): row 1 gets -1.2247; {2, 2} is constant: 0.
+    adv, ret = per_token_advantages(cfg("grpo"), reward, kl, mask, None, batch_rewards, groups, rows)
+    assert ret is None
+    a = -1 / math.sqrt(2 / 3)
+    torch.testing.assert_close(adv, torch.tensor([[a, a], [0.0, 0.0]]))  # up to GRPO's eps in the std
+    # RLOO: row 1's baseline is the mean of the others in its group, (1 + 2) / 2: 0 - 1.5.
+    adv, _ = per_token_advantages(cfg("rloo"), reward, kl, mask, None, batch_rewards, groups, rows)
+    assert torch.equal(adv, torch.tensor([[-1.5, -1.5], [0.0, 0.0]]))
+    # REINFORCE++ (KL in the reward, gamma 1): row 1 earns -0.1, then 0 - 0.2: returns [-0.3, -0.2].
+    adv, _ = per_token_advantages(cfg("reinforce_pp"), reward, kl, mask, None, batch_rewards, groups, rows)
+    torch.testing.assert_close(adv, torch.tensor([[-0.3, -0.2], [2.0 - 0.05, 0.0]]))
+    # PPO, lambda = gamma = 1: advantage = return - value; returns as above.
+    values = torch.tensor([[0.5, 0.25], [1.0, 0.0]])
+    adv, ret = per_token_advantages(cfg("ppo"), reward, kl, mask, values, batch_rewards, groups, rows)
+    torch.testing.assert_close(ret, torch.tensor([[-0.3, -0.2], [1.95, 0.0]]))
+    torch.testing.assert_close(adv, torch.tensor([[-0.8, -0.45], [0.95, 0.0]]))
+    with pytest.raises(ValueError, match="needs the critic's values"):
+        per_token_advantages(cfg("ppo"), reward, kl, mask, None, batch_rewards, groups, rows)
+    with pytest.raises(ValueError, match="unknown learner.algorithm 'a2c'"):
+        per_token_advantages(cfg("a2c"), reward, kl, mask, None, batch_rewards, groups, rows)
+
+
+def test_policy_token_loss_by_hand():
+    from types import SimpleNamespace
+
+    from learner.algorithms import policy_token_loss
+
+    cfg = SimpleNamespace(clip_ratio=0.2, value_clip=10.0, vf_coef=0.5, kl_coef=0.1, kl_in_loss=True,
+                          entropy_coef=0.01)
+    logp = torch.log(torch.tensor([[0.5]]))
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))  # entropy 1.5 ln 2
+    mb = {"old_logprobs": logp.clone(), "advantages": torch.tensor([[2.0]]), "old_values": torch.tensor([[0.0]]),
+          "returns": torch.tensor([[1.0]]), "ref_logprobs": torch.log(torch.tensor([[0.25]]))}
+    values = torch.tensor([[0.5]])
+    loss, parts = policy_token_loss(cfg, logp, logits, values, mb)
+    k3 = 0.5 + math.log(2) - 1  # exp(ref - logp) - (ref - logp) - 1
+    want = -2.0 + 0.5 * 0.5 * 0.25 + 0.1 * k3 - 0.01 * 1.5 * math.log(2)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert parts["pg"].item() == -2.0 and parts["vl"].item() == pytest.approx(0.125)
+    # No shared critic (values None), importance weight 0.5, no KL in the loss, no entropy bonus: pg * w alone.
+    cfg.kl_in_loss, cfg.entropy_coef = False, 0.0
+    loss, parts = policy_token_loss(cfg, logp, logits, None, {**mb, "is_weights": torch.tensor([[0.5]])})
+    assert loss.item() == -1.0 and parts["vl"].item() == 0.0 and parts["ent"].item() == 0.0

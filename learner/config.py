@@ -1,0 +1,88 @@
+"""LearnerConfig: every learner.* setting of a run (the DeepSpeed ranks, the algorithm and its losses, PPO's critic,
+memory options). oirl/config.py composes it into RunConfig and validates it at start-up; each rank receives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    algorithm: str = "ppo"
+    """'ppo' (GAE with a critic), 'grpo' (group-normalised outcome advantage), 'rloo' (leave-one-out baseline) or
+    'reinforce_pp' (REINFORCE++: per-token KL in the return, batch-normalised). Critic-free ones build no value head."""
+    grpo_scale_by_std: bool = True
+    """grpo: divide by the group's reward std (false = Dr. GRPO: mean-centred only)."""
+    loss_aggregation: str = "token_mean"
+    """'token_mean' (every response token of the global mini-batch weighs the same), 'seq_mean_token_mean' (each
+    sample weighs the same) or 'seq_mean_token_sum' (Dr. GRPO: token sums over a constant, max_new_tokens)."""
+    kl_in_loss: bool = False
+    """KL to the reference as a k3 term in the loss (GRPO) instead of a penalty in the per-token reward; grpo and
+    rloo need it (their advantage is per sequence)."""
+    max_new_tokens: int = 0
+    """Set by the driver from rollout.max_new_tokens (the seq_mean_token_sum constant)."""
+    critic: str = "shared"
+    """PPO's critic: 'shared' (a value head on the policy's backbone, trained with the policy's loss and lr) or
+    'separate' (its own model, DeepSpeed engine, optimizer and lr: learner/critic.py)."""
+    critic_lr: float = 0.0
+    """AdamW learning rate of the separate critic; 0 = learner.lr."""
+    critic_warmup_iterations: int = 0
+    """Separate critic: the first N iterations train only the critic (the policy, and the weights it publishes,
+    stay as they are), so PPO starts from values that fit the initial policy."""
+    critic_init: str = "policy"
+    """Separate critic's starting point: 'policy' (its backbone, a head near 0) or a reward-model folder from
+    `oirl train-rm` (backbone and score head; same model type and vocabulary as the policy)."""
+    importance_cap: float = 2.0
+    """One-step-off mode (rollout.async_steps=1): the policy loss of each token is weighted by
+    min(pi_learner / pi_behaviour, importance_cap), the behaviour being the engine's logprobs (truncated IS)."""
+    num_ranks: int = 2
+    """Ranks in the ZeRO group (Ray actors)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    lr: float = 1e-5
+    """AdamW learning rate of the policy (and of the value head when learner.critic=shared)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    ppo_epochs: int = 1
+    """Passes over each batch."""
+    num_minibatches: int = 1
+    """Optimizer steps per epoch (the batch splits evenly)."""
+    clip_ratio: float = 0.2
+    """PPO ratio clip epsilon."""
+    value_clip: float = 0.2
+    """Clip of the value update around the old values."""
+    vf_coef: float = 0.5
+    """Weight of the value loss in the policy's loss (learner.critic=shared; a separate critic has its own)."""
+    kl_coef: float = 0.05
+    """KL penalty coefficient in the per-token reward."""
+    kl_estimator: str = "k1"
+    """KL estimator in the reward: 'k1' (log ratio) or 'k3' (non-negative)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    gamma: float = 1.0
+    """Discount over response tokens."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the whole batch (all ranks)."""
+    flip_advantage_sign: bool = False
+    """Sanity switch for tests: train against the reward (learning must then fail)."""
+    forward_batch_size: int = 8
+    """Rows per no-grad forward in prepare(); full-vocabulary logits exist for one such chunk at a time."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in the backward pass (less memory, ~30% more update time)."""
+    ref_dtype: str = ""
+    """dtype of the frozen reference model: '' = model.dtype, or 'bfloat16' / 'float32' (bf16 halves its memory)."""
+    ref_offload: bool = False
+    """Keep the reference model in host memory and move it to the device only for prepare()'s reference pass."""
+    num_cpus: float = 1.0
+    """Ray CPUs per rank."""
+    num_gpus: float = 0.0
+    """Ray GPUs per rank (1 on GPU clusters)."""
+    cpu_shm_allreduce: bool = False
+    """Use DeepSpeed's shared-memory allreduce op on CPU (JIT-compiles ~150 s on first use); false = plain gloo."""
+    timeout_s: float = 1800.0
+    """Longest wait for one learner call (collectives use it too)."""

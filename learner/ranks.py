@@ -1,0 +1,77 @@
+"""Rank plumbing of the learner: the torch.distributed rendezvous, sums and maxima over every rank, the DeepSpeed
+config the policy and the separate critic are built with, and the rank's peak memory.
+
+Nothing here knows about algorithms or models; learner_worker.py and critic.py call it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import resource
+import socket
+from typing import Any
+
+
+def free_master_address() -> tuple[str, int]:
+    """This node's address and a free port for rank 0 to host the torch.distributed rendezvous."""
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return ray.util.get_node_ip_address(), sock.getsockname()[1]
+
+
+def init_distributed(rank: int, world: int, master_ip: str, master_port: int, num_gpus: float, timeout_s: float,
+                     cpu_shm_allreduce: bool = False) -> Any:
+    """Join the DeepSpeed/torch.distributed group (gloo on CPU, NCCL on GPU); returns this rank's device."""
+    os.environ.update(MASTER_ADDR=master_ip, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK="0" if num_gpus else str(rank))
+    if not num_gpus:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+    import deepspeed.ops
+    import torch
+
+    if not cpu_shm_allreduce:
+        # The shm allreduce op JIT-compiles for ~150 s on a fresh machine; gloo alone is correct and fast enough
+        # for CPU-sized models (measured, DESIGN.md).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if num_gpus else "gloo",
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def allreduce(values: list[float], device: Any, op: str = "sum") -> list[float]:
+    """Sum (or max) of a few floats over every rank, in float64 (token counts and loss sums stay exact)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def deepspeed_config(micro_batch: int, world: int, zero_stage: int, lr: float, weight_decay: float,
+                     max_grad_norm: float, bf16: bool) -> dict:
+    """The DeepSpeed config of one trained model (the policy, or the separate critic with its own lr)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world,
+        # DeepSpeed's default 5e8-element communication buckets cost ~4 GB per rank; 5e7 is plenty here.
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": int(5e7),
+                              "allgather_bucket_size": int(5e7)},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay,
+                                                  "torch_adam": True, "adam_w_mode": True}},
+        "gradient_clipping": max_grad_norm,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+    }
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
