@@ -4,6 +4,8 @@
     oirl prepare-model [--config F]      # convert/build the model once (cached)
     oirl show-config [--config F] [overrides ...]
     oirl bench rollout|sync|gsm8k [--quick] --out DIR   # benchmarks/, JSON under DIR
+    oirl sft --out DIR [--data F] [--model M] [key=value ...]     # behaviour cloning (learner/sft.py)
+    oirl pipeline --config F [--out DIR] [overrides ...]          # SFT -> reward model -> PPO (oirl/pipeline.py)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from oirl.config import OFFLINE_ENV, REPO_ROOT, ConfigError, load_config
+from oirl.config import OFFLINE_ENV, REPO_ROOT, ConfigError, ModelConfig, load_config
 
 # `oirl bench <name>`: the module that runs it (from the repository root; anything that starts Ray wants
 # deploy/loopback.sh around the command) and whether it has a --quick mode.
@@ -89,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("name", choices=sorted(BENCHMARKS) + sorted(NOT_BUILT))
     p_bench.add_argument("--out", required=True)
     p_bench.add_argument("--quick", action="store_true", help="a few minutes here (where the benchmark has it)")
+    p_sft = sub.add_parser("sft", help="supervised fine-tuning (behaviour cloning) on GSM8K demonstrations")
+    p_sft.add_argument("--out", required=True, help="HF folder to write (plus metrics.json)")
+    p_sft.add_argument("--data", help="JSONL with 'question' and 'answer' (default: GSM8K train)")
+    p_sft.add_argument("--model", help="HF folder, 'smollm2-135m' or 'tiny' (default: smollm2-135m)")
+    p_pipe = sub.add_parser("pipeline", help="SFT -> reward model -> PPO from one config; complete stages skipped")
+    p_pipe.add_argument("--config", default=str(REPO_ROOT / "configs" / "pipeline.yaml"))
+    p_pipe.add_argument("--out", help="output directory (default: runs/<config name>)")
     args, rest = parser.parse_known_args(argv)
     for key, value in OFFLINE_ENV.items():  # set before transformers/huggingface_hub are imported
         os.environ.setdefault(key, value)
@@ -99,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         return _train_rm(args.data, args.out, args.backbone, rest)
     if args.command == "bench":
         return _bench(args.name, args.out, args.quick, rest)
+    if args.command == "sft":
+        return _sft(args.out, {"data": args.data, "model": args.model}, rest)
+    if args.command == "pipeline":
+        return _pipeline(args.config, args.out or str(Path("runs") / Path(args.config).stem), rest)
     if args.command == "submit":
         from oirl.submit import submit
 
@@ -193,6 +206,58 @@ def _train_rm(data: str, out: str, backbone: str, overrides: list[str]) -> int:
         return 2
     print(json.dumps({k: metrics[k] for k in ("heldout_pairwise_accuracy", "heldout_pairwise_accuracy_before_training",
                                               "train_pairs", "heldout_pairs", "train_pairs_per_s")}))
+    return 0
+
+
+def _sft(out: str, given: dict, overrides: list[str]) -> int:
+    from learner.sft import SFTConfig, train_sft, validate_sft
+    from oirl.config import _build, parse_overrides
+    from oirl.data import DatasetError
+
+    try:
+        cfg = _build(SFTConfig, {**parse_overrides(overrides), **{k: v for k, v in given.items() if v}}, "")
+        validate_sft(cfg)
+    except ConfigError as e:
+        print(f"oirl: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        from transformers import AutoTokenizer
+
+        from learner.sft import read_demonstrations
+        from oirl.models import resolve_model
+
+        read_demonstrations(cfg, AutoTokenizer.from_pretrained(resolve_model(ModelConfig(path=cfg.model))))
+        with _ray_session():  # rows were checked above: bad input fails before any actor starts
+            metrics = train_sft(cfg, out)
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        print(f"oirl: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: metrics[k] for k in ("heldout_loss_before", "heldout_loss", "train_loss", "train_rows",
+                                              "heldout_rows", "seconds")}))
+    print(f"oirl: wrote the policy to {out} (model.path for `oirl train`, --backbone for `oirl train-rm`)")
+    return 0
+
+
+def _pipeline(config: str, out: str, overrides: list[str]) -> int:
+    from oirl.data import DatasetError
+    from oirl.pipeline import format_summary, load_pipeline_config, run_pipeline
+    from oirl.remote import RemoteError
+    from oirl.sync import SyncError
+
+    try:
+        cfg = load_pipeline_config(config, overrides)
+        summary = run_pipeline(cfg, out)
+    except ConfigError as e:
+        print(f"oirl: config error: {e}", file=sys.stderr)
+        return 2
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        print(f"oirl: {e}", file=sys.stderr)
+        return 2
+    except (RemoteError, SyncError, TimeoutError) as e:
+        print(f"oirl: the pipeline failed: {e}\noirl: rerun the same command: complete stages are skipped and PPO "
+              "resumes from its last committed checkpoint", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
     return 0
 
 
