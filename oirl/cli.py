@@ -3,6 +3,7 @@
     oirl train [--config F] [--out DIR] [--resume] [--address ADDR] [dotted.overrides ...]
     oirl prepare-model [--config F]      # convert/build the model once (cached)
     oirl show-config [--config F] [overrides ...]
+    oirl prompt-oirl collect|train|select|eval ...   # see oirl/prompt_oirl/cli.py
 """
 
 from __future__ import annotations
@@ -64,12 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     p_pref.add_argument("--out", required=True, help="Parquet file to write")
     p_pref.add_argument("--questions", type=int, default=256)
     p_pref.add_argument("--samples", type=int, default=2, help="samples per question (one wrong one is kept)")
+    p_poirl = sub.add_parser("prompt-oirl", add_help=False,
+                             help="Prompt-OIRL: collect | train | select | eval (per-query prompt selection)")
+    p_poirl.add_argument("poirl_args", nargs=argparse.REMAINDER)
     args, rest = parser.parse_known_args(argv)
     for key, value in OFFLINE_ENV.items():  # set before transformers/huggingface_hub are imported
         os.environ.setdefault(key, value)
 
     logging.basicConfig(level=os.environ.get("OIRL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "prompt-oirl":
+        from oirl.prompt_oirl.cli import main as prompt_oirl_main
+
+        return prompt_oirl_main(args.poirl_args + rest)
     if args.command == "train-rm":
         return _train_rm(args.data, args.out, args.backbone, rest)
     if args.command == "submit":
