@@ -169,7 +169,7 @@ def train_selector(records: pa.Table, prompts: tuple[PromptSpec, ...], cfg: Sele
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     mlp.eval()
     with torch.no_grad():
         probs = torch.sigmoid(pair_logits(mlp, Q, P)).numpy()
