@@ -175,6 +175,12 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
     result["summary"]["rm_precision"] = selector.meta["metrics"]["heldout"]["precision"]
     result["summary"]["rm_recall"] = selector.meta["metrics"]["heldout"]["recall"]
     result["summary"]["rm_auc"] = selector.meta["metrics"]["heldout"]["auc"]
+    collected = (out if args.queries else Path(args.records).parent) / "collect.json"
+    if collected.is_file():  # how the records were made: model, budgets, generation speed
+        stats = json.loads(collected.read_text())
+        result["summary"]["collection"] = {k: stats[k] for k in ("pairs", "queries", "prompts", "generate_seconds",
+                                                                 "generated_tokens", "prompt_tokens",
+                                                                 "gen_tokens_per_s", "config", "accuracy_by_prompt")}
     path = write_eval(result, out)
     if args.results:
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)

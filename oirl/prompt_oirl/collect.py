@@ -160,11 +160,11 @@ class CollectConfig:
     """Engine dtype (float32 on CPU)."""
     gsm8k_path: str = "../shared/data/gsm8k/train.jsonl"
     """GSM8K-format JSONL; a relative path is taken from the repository root."""
-    gsm8k_queries: int = 60
+    gsm8k_queries: int = 100
     """First N rows of gsm8k_path (0 = none)."""
     gsm8k_max_new_tokens: int = 192
     """Token budget of a GSM8K answer."""
-    arithmetic_queries: int = 240
+    arithmetic_queries: int = 320
     """Seeded synthetic arithmetic problems (0 = none)."""
     arithmetic_seed: int = 0
     """Seed of the arithmetic set."""
