@@ -262,3 +262,16 @@ def test_eval_on_a_query_file_end_to_end(trained, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "ev" / "heldout_queries.jsonl").read_text().splitlines()]
     assert summary["selector_accuracy"] == pytest.approx(np.mean([r["selector_correct"] for r in rows]))
     assert Path(tmp_path / "ev" / "collect.json").is_file()
+
+
+def test_stored_prompt_sets_are_checked():
+    from oirl.prompt_oirl.prompts import prompts_from_json, prompts_to_json
+
+    rows = prompts_to_json(DEFAULT_PROMPTS)
+    assert prompts_from_json(rows, "p.json") == DEFAULT_PROMPTS
+    with pytest.raises(PromptSetError, match="p.json: prompt 1 has prompt_id=5; ids must be 0..P-1"):
+        prompts_from_json([rows[0], dict(rows[1], prompt_id=5)], "p.json")
+    with pytest.raises(PromptSetError, match=r"p.json: prompt 0 lacks \['suffix'\]"):
+        prompts_from_json([{k: v for k, v in rows[0].items() if k != "suffix"}], "p.json")
+    with pytest.raises(PromptSetError, match="a selector needs at least 2"):
+        prompts_from_json(rows[:1], "p.json")
