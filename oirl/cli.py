@@ -6,6 +6,7 @@
     oirl bench rollout|sync|gsm8k [--quick] --out DIR   # benchmarks/, JSON under DIR
     oirl sft --out DIR [--data F] [--model M] [key=value ...]     # behaviour cloning (learner/sft.py)
     oirl pipeline --config F [--out DIR] [overrides ...]          # SFT -> reward model -> PPO (oirl/pipeline.py)
+    oirl prompt-oirl collect|train|select|eval ...   # see oirl/prompt_oirl/cli.py
 """
 
 from __future__ import annotations
@@ -98,12 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     p_pipe = sub.add_parser("pipeline", help="SFT -> reward model -> PPO from one config; complete stages skipped")
     p_pipe.add_argument("--config", default=str(REPO_ROOT / "configs" / "pipeline.yaml"))
     p_pipe.add_argument("--out", help="output directory (default: runs/<config name>)")
+    p_poirl = sub.add_parser("prompt-oirl", add_help=False,
+                             help="Prompt-OIRL: collect | train | select | eval (per-query prompt selection)")
+    p_poirl.add_argument("poirl_args", nargs=argparse.REMAINDER)
     args, rest = parser.parse_known_args(argv)
     for key, value in OFFLINE_ENV.items():  # set before transformers/huggingface_hub are imported
         os.environ.setdefault(key, value)
 
     logging.basicConfig(level=os.environ.get("OIRL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "prompt-oirl":
+        from oirl.prompt_oirl.cli import main as prompt_oirl_main
+
+        return prompt_oirl_main(args.poirl_args + rest)
     if args.command == "train-rm":
         return _train_rm(args.data, args.out, args.backbone, rest)
     if args.command == "bench":

@@ -70,6 +70,9 @@ class DataConfig:
     """Read at most this many rows (0 = all)."""
     seed: int = 0
     """Shuffle seed for the prompt order."""
+    prompt_selector: str = ""
+    """Prompt-OIRL selector folder (`oirl prompt-oirl train --out DIR`): picks each GSM8K question's prompt before
+    generation; empty = the fixed GSM8K instruction."""
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,12 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         _check(resolve_path(d.path).is_file(),
                f"data.path={d.path!r} not found (looked in {resolve_path(d.path)}); GSM8K lives in "
                "../shared/data/gsm8k/train.jsonl beside the repository, or set data.source=synthetic")
+    if d.prompt_selector:
+        _check(d.source == "gsm8k", f"data.prompt_selector picks a prompt for each GSM8K question, but data.source="
+                                    f"{d.source!r}; set data.source=gsm8k or data.prompt_selector=''")
+        _check(not check_paths or (resolve_path(d.prompt_selector) / "selector.json").is_file(),
+               f"data.prompt_selector={d.prompt_selector!r} is not a selector folder (no selector.json in "
+               f"{resolve_path(d.prompt_selector)}); build one with `oirl prompt-oirl train --records R --out DIR`")
     _check(r.num_engines >= 1, f"rollout.num_engines={r.num_engines} must be >= 1")
     _check(r.samples_per_prompt >= 1, f"rollout.samples_per_prompt={r.samples_per_prompt} must be >= 1")
     _check(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")

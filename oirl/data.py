@@ -81,6 +81,10 @@ class PromptDataset:
         if cfg.source == "gsm8k":
             rows = read_gsm8k(cfg.path, cfg.max_rows)
             texts = [f"{q}\n{GSM8K_INSTRUCTION}" for q, _ in rows]
+            if cfg.prompt_selector:  # Prompt-OIRL: each question in the prompt its reward model rates best
+                from oirl.prompt_oirl.selector import PromptSelector
+
+                texts = PromptSelector.load(resolve_path(cfg.prompt_selector)).render([q for q, _ in rows])
         else:
             rows = synthetic_rows(cfg.max_rows or 1024, cfg.seed)
             texts = [q for q, _ in rows]
