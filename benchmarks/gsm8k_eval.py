@@ -19,25 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from oirl.metrics import wilson_interval
+
 GSM8K_PATH = "../shared/data/gsm8k/train.jsonl"
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion (stays inside [0, 1] and is sane at 0 or n successes)."""
-    if n <= 0:
-        raise ValueError("wilson_interval needs n >= 1")
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def count_rows(path: str = GSM8K_PATH) -> int:

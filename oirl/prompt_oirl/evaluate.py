@@ -13,27 +13,15 @@ it from them (``accuracies_from_rows``). 95% intervals are Wilson score interval
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from oirl.metrics import wilson_interval
 from oirl.prompt_oirl.collect import Query
 from oirl.prompt_oirl.selector import PromptSelector, check_records
-
-Z95 = 1.959963984540054
-
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    if n == 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def read_queries(path: str, dataset: str, max_new_tokens: int, max_rows: int = 0) -> list[Query]:
