@@ -26,8 +26,8 @@ from benchmarks.gsm8k_eval import heldout_overrides
 VARIANTS: dict[str, list[str]] = {
     "ppo": ["learner.algorithm=ppo"],
     "ppo_separate_critic": ["learner.algorithm=ppo", "learner.critic=separate"],
-    "grpo": ["learner.algorithm=grpo"],
-    "rloo": ["learner.algorithm=rloo"],
+    "grpo": ["learner.algorithm=grpo", "learner.kl_in_loss=true"],  # one advantage per sample: KL in the loss
+    "rloo": ["learner.algorithm=rloo", "learner.kl_in_loss=true"],
     "reinforce_pp": ["learner.algorithm=reinforce_pp"],
 }
 SUMMARY_KEYS = ("n", "accuracy", "accuracy_ci95", "format_rate", "format_rate_ci95", "seconds", "generated_tokens")
@@ -75,8 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"config": args.config, "model": args.model, "iterations": args.iterations, "heldout_n": args.n,
                               "eval_max_new_tokens": args.max_new_tokens,
                               "heldout_overrides": heldout_overrides(args.n), "variants": {}}
-    result["before"] = run_eval(args.model, out / "base_heldout_eval.json", args.n, args.max_new_tokens)
+    previous = out / "gsm8k_algorithms.json"
+    if previous.is_file():  # a rerun into the same folder keeps what is done (same settings only)
+        done = json.loads(previous.read_text())
+        if all(done.get(k) == result[k] for k in ("config", "model", "iterations", "heldout_n", "eval_max_new_tokens")):
+            result["before"], result["variants"] = done.get("before"), done["variants"]
+    if not result.get("before"):
+        result["before"] = run_eval(args.model, out / "base_heldout_eval.json", args.n, args.max_new_tokens)
     for name in args.variants.split(","):
+        if name in result["variants"]:
+            continue
         run_dir = out / name
         overrides = [*heldout_overrides(args.n), f"iterations={args.iterations}", "checkpoint_every=0",
                      f"model.path={args.model}", *args.set, *VARIANTS[name]]
