@@ -15,7 +15,8 @@ Writes benchmarks/results/algorithms.json and algorithms.png.
 
     deploy/loopback.sh python benchmarks/algorithms.py [--seeds 0 1 2] [--iterations 12] [--variants ...]
         [--cost-variants ...]   # --variants / --cost-variants with no names skip that part; results of variants
-                                # not run are kept from the existing JSON
+                                # not run are kept from the existing JSON (each records its seeds and run)
+    python benchmarks/algorithms.py --replot   # savings and PNG again from the JSON
 
 GSM8K with SmolLM2-135M (held-out accuracy before/after) is not part of this script yet.
 """
@@ -53,6 +54,7 @@ COST_VARIANTS = {
     "grpo": {"algorithm": "grpo", "kl_in_loss": True},
 }
 COST_ROWS, COST_PROMPT, COST_RESPONSE = 8, 96, 64
+RUN = time.strftime("%Y-%m-%dT%H:%M:%S")  # which invocation measured a variant: timings compare within one run
 CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
 
@@ -88,7 +90,7 @@ def synthetic(variants: list[str], seeds: list[int], iterations: int) -> dict[st
                       f"(prepare {phases['prepare'][-1]:.3f}, update {phases['update'][-1]:.3f}), peak RSS "
                       f"{rss[-1]:.0f} MiB ({time.perf_counter() - t0:.0f} s run)", flush=True)
             results[variant] = {
-                "overrides": VARIANTS[variant], "seeds": seeds, "per_seed": curves,
+                "overrides": VARIANTS[variant], "seeds": seeds, "run": RUN, "per_seed": curves,
                 "reward_mean": [statistics.fmean(c[i] for c in curves) for i in range(iterations)],
                 "reward_sem": [sem([c[i] for c in curves]) for i in range(iterations)],
                 "gain_mean": statistics.fmean(gains), "gain_sem": sem(gains), "gain_per_seed": gains,
@@ -162,7 +164,8 @@ def savings(synth: dict[str, dict], cost: dict[str, dict]) -> dict:
                 out["synthetic"][f"{name}_vs_{base}"] = {
                     **{f"seconds_{p}": b[f"seconds_{p}_median"] - r[f"seconds_{p}_median"]
                        for p in ("prepare", "update", "iteration")},
-                    "peak_rss_mib": b["learner_peak_rss_mib_mean"] - r["learner_peak_rss_mib_mean"]}
+                    "peak_rss_mib": b["learner_peak_rss_mib_mean"] - r["learner_peak_rss_mib_mean"],
+                    "runs": [b.get("run"), r.get("run")]}  # different runs: machine load differs too
     for base in ("ppo_shared_critic", "ppo_separate_critic"):
         if base in cost and "grpo" in cost:
             b, r = cost[base], cost["grpo"]
@@ -181,12 +184,18 @@ def main() -> int:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--cost-variants", nargs="*", default=list(COST_VARIANTS))
     ap.add_argument("--cost-worker", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--replot", action="store_true", help="recompute savings and the PNG from the JSON; run nothing")
     args = ap.parse_args()
     if args.cost_worker:
         cost_worker(*args.cost_worker)
         return 0
     path = RESULTS / "algorithms.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
+    if args.replot:
+        old["savings"] = savings(old["results"], old["critic_cost"]["results"])
+        path.write_text(json.dumps(old, indent=2))
+        plot(old["results"], old["critic_cost"]["results"], RESULTS / "algorithms.png")
+        return 0
     for kept in old.get("results", {}).values():  # written before seeds were recorded per variant
         if isinstance(old.get("seeds"), list):
             kept.setdefault("seeds", old["seeds"])
@@ -219,7 +228,8 @@ def plot(results: dict[str, dict], cost: dict[str, dict], path: Path) -> None:
     fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [3, 2, 1.3]})
     for name, r in results.items():
         it = range(len(r["reward_mean"]))
-        ax.plot(it, r["reward_mean"], label=f"{name} (gain {r['gain_mean']:+.3f} ± {r['gain_sem']:.3f})")
+        seeds = f", {len(r['seeds'])} seeds" if "seeds" in r else ""
+        ax.plot(it, r["reward_mean"], label=f"{name} (gain {r['gain_mean']:+.3f} ± {r['gain_sem']:.3f}{seeds})")
         ax.fill_between(it, [m - s for m, s in zip(r["reward_mean"], r["reward_sem"])],
                         [m + s for m, s in zip(r["reward_mean"], r["reward_sem"])], alpha=0.2)
     ax.set_xlabel("iteration")
