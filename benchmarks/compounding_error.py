@@ -12,9 +12,11 @@ Design (each choice is a knob in `Settings`):
   action, so the expert is a known deterministic function of the state and the right action is defined in every
   state, including the ones a learner reaches after a mistake. The teacher's graph has attracting cycles, so the
   expert's own states concentrate on a small part of the state space; a wrong token leaves it.
-- Demonstrations: `demos` expert rollouts of length T from uniform random prompts. Both methods get the same set.
-- Learner: the same small MLP (`Policy`, same width and parameter count) for every method, trained from scratch with
-  full-batch Adam for `train_steps` steps and label smoothing `label_smoothing`. Smoothing sets the probability a
+- Prompts and demonstrations: each seed draws a task of `demos` random prompts and gives every prompt one expert
+  demonstration of length T, so the first state of every rollout has been seen. Both methods get the same set, and
+  every rollout (DAgger's and the evaluation's) starts from a prompt of the task.
+- Learner: the same small MLP (`Policy`, same width and parameter count) for every method. Each fit starts from
+  scratch and takes `train_steps` Adam steps on minibatches of `batch` rows, with label smoothing `label_smoothing`. Smoothing sets the probability a
   trained learner puts on tokens other than the expert's in states it was trained on, so both methods make
   mistakes at a similar rate on the expert's states whatever T is; the JSON reports that rate (`*_step_error`,
   measured on the expert's own rollouts) so it can be checked rather than assumed.
@@ -26,7 +28,7 @@ Design (each choice is a knob in `Settings`):
   online method whose ~T bound the paper cites, not RLHF's learned reward (not measured here).
 - Error: the expected number of steps, of T, at which the learner's token differs from the expert's token in the
   learner's own state, along the learner's own sampled rollouts: sum_t (1 - pi(expert(s_t) | s_t)) averaged over
-  `eval_rollouts` rollouts from fresh prompts (the same prompts for every method of a seed). Using the probability
+  `eval_rollouts` rollouts from the task's prompts (the same draws for every method of a seed). Using the probability
   rather than the sampled indicator is the same expectation with less variance.
 - Fit: log(error) = a + b log(T) by least squares over every (seed, T) point; b's 95% interval from the Student t
   of the slope, and a second one from resampling seeds (bootstrap, refitting the seed-mean curve).
@@ -34,6 +36,7 @@ Design (each choice is a knob in `Settings`):
     python -m benchmarks.compounding_error --out DIR [--quick]
 
 writes DIR/compounding_error.json and DIR/compounding_error.png. Deterministic given the seeds; one thread.
+Result and interpretation: benchmarks/README.md ("Compounding error").
 """
 
 from __future__ import annotations
