@@ -33,23 +33,25 @@ WORKLOAD = {"prompts": 8, "samples": 4, "max_new_tokens": 128, "temperature": 0.
 QUICK = {"prompts": 2, "samples": 2, "max_new_tokens": 16, "temperature": 0.7, "model": "tiny"}
 
 
-def workload_prompts(model_dir: str, n: int) -> list[list[int]]:
+def demo_config() -> Any:
+    """The default job's config, reading only the rows the workload needs."""
+    from oirl.config import REPO_ROOT, load_config
+
+    return load_config(str(REPO_ROOT / "configs" / "demo.yaml"), ["data.max_rows=64", "data.max_prompt_tokens=1024"])
+
+
+def workload_prompts(cfg: Any, model_dir: str, n: int) -> list[list[int]]:
     """The first n prompts of the default job's data section, tokenized as the rollout does."""
     from transformers import AutoTokenizer
 
-    from oirl.config import REPO_ROOT, load_config
     from oirl.data import PromptDataset
 
-    cfg = load_config(str(REPO_ROOT / "configs" / "demo.yaml"), ["data.max_rows=64", "data.max_prompt_tokens=1024"])
     return PromptDataset(cfg.data, AutoTokenizer.from_pretrained(model_dir)).token_ids[:n]
 
 
-def rollout_config(w: dict[str, Any]) -> Any:
+def rollout_config(cfg: Any, w: dict[str, Any]) -> Any:
     from dataclasses import replace
 
-    from oirl.config import REPO_ROOT, load_config
-
-    cfg = load_config(str(REPO_ROOT / "configs" / "demo.yaml"), [])
     return replace(cfg.rollout, samples_per_prompt=w["samples"], max_new_tokens=w["max_new_tokens"],
                    temperature=w["temperature"], ignore_eos=True)
 
@@ -58,14 +60,11 @@ def object_store_update(model_dir: str, version: int) -> Any:
     """The model folder's own tensors as a WeightUpdate over the object store (what a learner would publish)."""
     import numpy as np
     import ray
-    from safetensors import safe_open
 
+    from benchmarks.sync import folder_tensors
     from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets
 
-    named = []
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            named += [(k, st.get_tensor(k)) for k in st.keys()]
+    named = folder_tensors(model_dir)
     packed = [pack_bucket(g, lambda n: np.empty(n, dtype=np.uint8)) for g in plan_buckets(named, 256 << 20)]
     buckets, buffers = [p[0] for p in packed], [p[1] for p in packed]
     fp = fingerprint(buckets, buffers)
@@ -74,13 +73,12 @@ def object_store_update(model_dir: str, version: int) -> Any:
     return WeightUpdate(version, "object_store", buckets, fp, sum(b.nbytes for b in buckets))
 
 
-def run_oirl(model_dir: str, prompts: list[list[int]], w: dict[str, Any], rounds: int) -> list[dict[str, float]]:
+def run_oirl(model_dir: str, prompts: list[list[int]], rcfg: Any, rounds: int) -> list[dict[str, float]]:
     import ray
 
     from actors.rollout_worker import RolloutWorker
     from oirl.config import REPO_ROOT
 
-    rcfg = rollout_config(w)
     ray.init(address="local", include_dashboard=False, num_cpus=4, _temp_dir=f"/tmp/oirl-ray-{os.getpid()}",
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}, log_to_driver=False)
     out = []
@@ -190,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = str(resolve_model(ModelConfig(path=w["model"])))
-    prompts = workload_prompts(model_dir, w["prompts"])
-    rcfg = rollout_config(w)
+    cfg = demo_config()
+    prompts = workload_prompts(cfg, model_dir, w["prompts"])
+    rcfg = rollout_config(cfg, w)
     t0 = time.perf_counter()
-    oirl_rounds = run_oirl(model_dir, prompts, w, rounds)
+    oirl_rounds = run_oirl(model_dir, prompts, rcfg, rounds)
     spec = {"model": model_dir, "prompts": prompts, "workload": w, "rounds": rounds, "rollout": asdict(rcfg),
             "threads": max(1, int(rcfg.num_cpus))}
     vllm_rounds = in_child("vllm", spec, out)

@@ -63,16 +63,23 @@ def memcpy_seconds(nbytes: int, repeats: int = 3) -> float:
     return best
 
 
-def per_param_seconds(engine: Any, model_path: str, version: int, timeout_s: float) -> tuple[float, int]:
-    """One waited RPC per tensor (bytes from the model's safetensors), then one reload."""
-    import ray
-    import torch
+def folder_tensors(model_path: str) -> list[tuple[str, Any]]:
+    """Every (name, tensor) of an HF folder's safetensors files, in file and key order."""
     from safetensors import safe_open
 
     tensors = []
     for f in sorted(Path(model_path).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             tensors += [(k, st.get_tensor(k)) for k in st.keys()]
+    return tensors
+
+
+def per_param_seconds(engine: Any, model_path: str, version: int, timeout_s: float) -> tuple[float, int]:
+    """One waited RPC per tensor (bytes from the model's safetensors), then one reload."""
+    import ray
+    import torch
+
+    tensors = folder_tensors(model_path)
     t0 = time.perf_counter()
     for name, t in tensors:
         raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
