@@ -47,6 +47,10 @@ class RolloutConfig:
     """Fraction of GPU memory an engine may use (GPU only)."""
     cpu_threads_bind: str = "auto"
     """VLLM_CPU_OMP_THREADS_BIND: 'auto', a core range like '0-1', or 'nobind'."""
+    cpu_threads: int = 0
+    """OpenMP threads a CPU engine computes with. 0: every core of the node when strictly on-policy (the learner
+    waits while the engine generates, so its cores would idle), else max(1, num_cpus). Ray sets OMP_NUM_THREADS to
+    the actor's num_cpus, which alone held the engine to one core: 0.58x of the same engine outside Ray."""
     in_process_engine: bool = True
     """Run the engine inside the actor process (fast start on CPU); false = vLLM's own engine processes."""
     num_cpus: float = 1.0
@@ -94,6 +98,15 @@ class SyncConfig:
     """Longest wait for one engine to load a version."""
 
 
+def engine_threads(cfg: RolloutConfig) -> int:
+    """See RolloutConfig.cpu_threads."""
+    if cfg.cpu_threads > 0:
+        return cfg.cpu_threads
+    if cfg.async_steps == 0:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, int(cfg.num_cpus))
+
+
 class RolloutWorker:
     def __init__(self, cfg: RolloutConfig, model_path: str, dtype: str, seed: int, engine_index: int = 0):
         self.cfg = cfg
@@ -103,6 +116,12 @@ class RolloutWorker:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gib)))))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cfg.cpu_threads_bind)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.in_process_engine else "1"
+        if cfg.num_gpus == 0:
+            self.threads = engine_threads(cfg)
+            os.environ["OMP_NUM_THREADS"] = str(self.threads)  # read when the OpenMP runtime starts (torch import)
+            import torch
+
+            torch.set_num_threads(self.threads)  # in case torch was imported already; vLLM binds after this
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
