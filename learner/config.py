@@ -71,7 +71,20 @@ class LearnerConfig:
     flip_advantage_sign: bool = False
     """Sanity switch for tests: train against the reward (learning must then fail)."""
     forward_batch_size: int = 8
-    """Rows per no-grad forward in prepare(); full-vocabulary logits exist for one such chunk at a time."""
+    """Rows per forward: prepare()'s no-grad chunks, and update()'s micro-batches (gradients accumulate over a
+    mini-batch's micro-batches into one optimizer step). Full-vocabulary logits exist for one such chunk at a time,
+    and each chunk is cut to its own longest row."""
+    update_autocast: str = ""
+    """'' (the update computes in model.dtype) or 'bfloat16': update()'s forward and backward run under
+    torch.autocast in bf16 while the master weights, the optimizer, prepare()'s scoring, the on-policy check and the
+    published weights stay in model.dtype (float32). Mixed precision as GPU trainers use it; on CPUs with AVX512-BF16
+    a bf16 matmul runs ~4.5x the fp32 rate here. The ratio then carries bf16 noise (learner/approx_kl shows it)."""
+    old_logprobs: str = "auto"
+    """Where the old logprobs (the PPO ratio's denominator, and the learner side of the on-policy check) come from.
+    'forward': a no-grad policy forward in prepare(). 'update': update()'s own forward, before its only optimizer
+    step; needs one step per batch (ppo_epochs=1, num_minibatches=1), no value function (critic-free) and strict
+    on-policy rollouts, where that forward sees exactly the weights the engine sampled with, so the check still
+    covers every token of the batch. Saves one policy forward per iteration. 'auto': 'update' where allowed."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in the backward pass (less memory, ~30% more update time)."""
     ref_dtype: str = ""

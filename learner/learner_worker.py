@@ -142,7 +142,13 @@ class LearnerWorker(WeightPublisher):
             lp, ent = ppo.logprobs_and_entropy(logits, d["resp_ids"][sl])
             return {"lp": lp, "ent": ent, **({"v": values} if values is not None else {})}
 
-        scored = score_in_chunks(d, c.forward_batch_size, policy)
+        self.fused = c.old_logprobs == "update"  # update()'s own forward gives them (see LearnerConfig.old_logprobs)
+        if self.fused:
+            # Until update() scores the batch, the engine's logprobs stand in (the KL statistic and the KL-shaped
+            # reward read them; the check in update() then bounds |engine - learner| on every token).
+            scored = {"lp": d["engine_logprobs"].clone(), "ent": torch.zeros_like(d["engine_logprobs"])}
+        else:
+            scored = score_in_chunks(d, c.forward_batch_size, policy)
         d["old_logprobs"], entropy = scored["lp"], scored["ent"]
         d["old_values"] = self.critic.values(d) if self.critic else scored.get("v")
         d["ref_logprobs"] = d["old_logprobs"]  # kl_coef = 0: the KL term is zero and needs no reference
@@ -171,16 +177,20 @@ class LearnerWorker(WeightPublisher):
         if d["old_values"] is None:
             d["old_values"] = torch.zeros_like(d["old_logprobs"])  # critic-free: reported as 0
         versions = torch.from_numpy(batch.take(rows).column("policy_version").to_numpy()).to(dev)
-        stats = checks.on_policy_stats(d, (versions == iteration).to(mask.dtype).unsqueeze(-1) * mask,
-                                       on_policy_tolerance, dev)
+        self.check_mask = (versions == iteration).to(mask.dtype).unsqueeze(-1) * mask
+        self.on_policy_tolerance = on_policy_tolerance
+        stats = {} if self.fused else checks.on_policy_stats(d, self.check_mask, on_policy_tolerance, dev)
         d.pop("is_weights", None)
         if importance_cap > 0:
             stats.update(checks.importance_weights(d, mask, importance_cap, dev))
         kl_sum, v_sum, n_seq, ent_sum = self._allreduce([
             ppo.masked_sum(kl, mask).item(), ppo.masked_sum(d["old_values"], mask).item(), float(len(rows)),
             ppo.masked_sum(entropy, mask).item()])
-        return {"kl/mean": kl_sum / n_seq, "kl/per_token": kl_sum / n_tok, "learner/value_mean": v_sum / n_tok,
-                "rollout/entropy": ent_sum / n_tok, "learner/tokens": n_tok, **stats}
+        out = {"kl/mean": kl_sum / n_seq, "kl/per_token": kl_sum / n_tok, "learner/value_mean": v_sum / n_tok,
+               "learner/tokens": n_tok, **stats}
+        if not self.fused:
+            out["rollout/entropy"] = ent_sum / n_tok
+        return out
 
     def update(self) -> dict:
         """Epochs over mini-batches of the clipped surrogate (+ the shared critic's value loss, + k3 KL when it is
@@ -189,41 +199,59 @@ class LearnerWorker(WeightPublisher):
         critic trains: the policy engine takes no step, so the published weights stay as they are."""
         import torch
 
-        from learner import algorithms, ppo
+        from learner import algorithms, checks, ppo
         from learner.ranks import peak_rss_mib
 
         d, cfg = self.data, self.cfg
         warmup = self.critic is not None and self.iteration < cfg.critic_warmup_iterations
         totals: dict[str, float] = {}
         steps = 0
+        ent_sum = 0.0  # learner.old_logprobs=update: the entropy statistic comes from this pass
+        autocast = cfg.update_autocast == "bfloat16"  # bf16 compute, float32 master weights (LearnerConfig)
         for epoch in range(cfg.ppo_epochs):
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration * 101 + epoch)
             for mb in torch.randperm(d["input_ids"].shape[0], generator=g).chunk(cfg.num_minibatches):
                 mask = d["resp_mask"][mb]
-                t_len = int(d["attention_mask"][mb].sum(1).max())
                 n_tok, n_seq = self._allreduce([mask.sum().item(), (mask.sum(-1) > 0).sum().item()])
                 # DeepSpeed averages gradients over ranks: normalise by the global count / world.
                 denominator = (n_tok if cfg.loss_aggregation == "token_mean" else n_seq) / self.world
-                parts = {"pg": torch.zeros_like(mask)}
+                keys = ("pg", "vl", "clipped", "approx_kl", "ent")
+                local = dict.fromkeys(keys, 0.0)  # this rank's masked sums over the mini-batch
                 if self.critic is not None:
-                    parts["vl"] = self.critic.train_step(d, mb, t_len, denominator)
+                    t_len = int(d["attention_mask"][mb].sum(1).max())
+                    local["vl"] = ppo.masked_sum(self.critic.train_step(d, mb, t_len, denominator), mask).item()
                 if not warmup:
-                    logits, values = self.engine(d["input_ids"][mb, :t_len], d["attention_mask"][mb, :t_len],
-                                                 d["resp_index"][mb].clamp(max=t_len - 1), self.temperature)
-                    logp = ppo.logprobs_from_logits(logits, d["resp_ids"][mb])
-                    per_token, policy_parts = algorithms.policy_token_loss(
-                        cfg, logp, logits, values, {k: d[k][mb] for k in MB_KEYS if d.get(k) is not None})
-                    self.engine.backward(algorithms.aggregate(per_token, mask, cfg.loss_aggregation,
-                                                              denominator=denominator,
-                                                              token_norm=float(max(cfg.max_new_tokens, 1))))
+                    micro = mb.split(cfg.forward_batch_size)
+                    for i, rows in enumerate(micro):
+                        # Gradients accumulate over the micro-batches; the one optimizer step comes after the last.
+                        self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+                        t_len = int(d["attention_mask"][rows].sum(1).max())  # each micro-batch cut to its longest
+                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                            logits, values = self.engine(d["input_ids"][rows, :t_len],
+                                                         d["attention_mask"][rows, :t_len],
+                                                         d["resp_index"][rows].clamp(max=t_len - 1), self.temperature)
+                        logp = ppo.logprobs_from_logits(logits, d["resp_ids"][rows])
+                        m = d["resp_mask"][rows]
+                        if self.fused:  # these weights are the ones the engine sampled with: the old logprobs
+                            d["old_logprobs"][rows] = logp.detach()
+                            with torch.no_grad():
+                                ent_sum += ppo.masked_sum(ppo.entropy_from_logits(logits), m).item()
+                        per_token, parts = algorithms.policy_token_loss(
+                            cfg, logp, logits, values, {k: d[k][rows] for k in MB_KEYS if d.get(k) is not None})
+                        self.engine.backward(algorithms.aggregate(per_token, m, cfg.loss_aggregation,
+                                                                  denominator=denominator,
+                                                                  token_norm=float(max(cfg.max_new_tokens, 1))))
+                        parts["approx_kl"] = d["old_logprobs"][rows] - logp.detach()
+                        with torch.no_grad():
+                            for k in keys:
+                                if k in parts and (k != "vl" or values is not None):
+                                    local[k] += ppo.masked_sum(parts[k], m).item()
+                    if self.fused and epoch == 0:  # before the step: every token of every rank vs the engine's
+                        fused_stats = checks.on_policy_stats(d, self.check_mask, self.on_policy_tolerance,
+                                                             self.device)
                     self.engine.step()
-                    parts.update({k: v for k, v in policy_parts.items() if k != "vl" or values is not None},
-                                 approx_kl=d["old_logprobs"][mb] - logp.detach())
-                with torch.no_grad():
-                    local = [ppo.masked_sum(parts[k], mask).item() if k in parts else 0.0
-                             for k in ("pg", "vl", "clipped", "approx_kl", "ent")]
                 for key, val in zip(("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy"),
-                                    self._allreduce(local)):
+                                    self._allreduce([local[k] for k in keys])):
                     totals[key] = totals.get(key, 0.0) + val / n_tok
                 norms = {"grad_norm": None if warmup else self.engine.get_global_grad_norm()}
                 if self.critic is not None:
@@ -232,6 +260,9 @@ class LearnerWorker(WeightPublisher):
                     totals[key] = totals.get(key, 0.0) + float(gn if gn is not None else 0.0)
                 steps += 1
         stats = {f"learner/{k}": v / steps for k, v in totals.items()}
+        if self.fused:
+            (ent_tot, n_tok_all) = self._allreduce([ent_sum, self.data["resp_mask"].sum().item()])
+            stats.update(fused_stats, **{"rollout/entropy": ent_tot / max(n_tok_all, 1.0)})
         (stats["learner/peak_rss_mib"],) = self._allreduce([peak_rss_mib()], op="max")
         if self.critic is not None:
             stats["learner/critic_warmup"] = float(warmup)

@@ -319,6 +319,15 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _check(lr.value_clip > 0, f"learner.value_clip={lr.value_clip} must be > 0 (it bounds the value update per step)")
     _check(lr.forward_batch_size >= 1, f"learner.forward_batch_size={lr.forward_batch_size} must be >= 1 (rows per "
                                        "no-grad forward)")
+    _check(lr.update_autocast in ("", "bfloat16"),
+           f"learner.update_autocast={lr.update_autocast!r} must be '' (off) or 'bfloat16'")
+    _check(not lr.update_autocast or cfg.model.dtype == "float32",
+           f"learner.update_autocast={lr.update_autocast} mixes precision under float32 master weights, but "
+           f"model.dtype={cfg.model.dtype}; set model.dtype=float32 or learner.update_autocast=''")
+    _check(lr.old_logprobs in ("auto", "forward", "update"),
+           f"learner.old_logprobs={lr.old_logprobs!r} must be 'auto', 'forward' or 'update'")
+    _check(lr.old_logprobs != "update" or not fused_old_logprobs_blockers(cfg),
+           f"learner.old_logprobs=update needs {'; '.join(fused_old_logprobs_blockers(cfg))}; use 'forward' or 'auto'")
     _check(lr.algorithm in ("ppo", "grpo", "rloo", "reinforce_pp"),
            f"learner.algorithm={lr.algorithm!r} must be 'ppo', 'grpo', 'rloo' or 'reinforce_pp'")
     _check(lr.loss_aggregation in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
@@ -374,6 +383,21 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     for name, value in (("rollout.timeout_s", r.timeout_s), ("learner.timeout_s", lr.timeout_s),
                         ("reward.timeout_s", rw.timeout_s), ("sync.timeout_s", s.timeout_s)):
         _check(value > 0, f"{name}={value} must be > 0: every remote wait needs a timeout")
+
+
+def fused_old_logprobs_blockers(cfg: "RunConfig") -> list[str]:
+    """Why update()'s forward cannot serve as the old logprobs (learner.old_logprobs); empty when it can."""
+    lr, out = cfg.learner, []
+    if lr.algorithm == "ppo":
+        out.append("a critic-free learner.algorithm (PPO's values come from prepare()'s forward anyway)")
+    if lr.ppo_epochs != 1 or lr.num_minibatches != 1:
+        out.append(f"one optimizer step per batch (learner.ppo_epochs={lr.ppo_epochs} and "
+                   f"learner.num_minibatches={lr.num_minibatches} must both be 1)")
+    if cfg.rollout.async_steps:
+        out.append("strict on-policy rollouts (rollout.async_steps=0)")
+    if lr.update_autocast:
+        out.append("the update's forward in model.dtype (learner.update_autocast='')")
+    return out
 
 
 def _validate_critic(cfg: RunConfig, check_paths: bool) -> None:

@@ -34,7 +34,7 @@ from learner.critic import check_critic_init
 from learner.group import LearnerGroup
 from oirl import checkpoint, faults
 from oirl.batch import add_column, validate_versions
-from oirl.config import OFFLINE_ENV, RunConfig
+from oirl.config import OFFLINE_ENV, RunConfig, fused_old_logprobs_blockers
 from oirl.data import PromptDataset
 from oirl.metrics import MetricsLogger, plot_curves
 from oirl.models import resolve_model
@@ -104,7 +104,11 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         reward = spawn_reward_actor(cfg.reward, model_path, f"oirl-reward-{run_id}",
                                     actor_options(cfg, "reward").get("resources"))
         micro_batch = cfg.batch_size // (cfg.learner.num_ranks * cfg.learner.num_minibatches)
-        learner_cfg = dataclasses.replace(cfg.learner, max_new_tokens=cfg.learner.max_new_tokens or r.max_new_tokens)
+        old_lp = cfg.learner.old_logprobs
+        if old_lp == "auto":
+            old_lp = "forward" if fused_old_logprobs_blockers(cfg) else "update"
+        learner_cfg = dataclasses.replace(cfg.learner, max_new_tokens=cfg.learner.max_new_tokens or r.max_new_tokens,
+                                          old_logprobs=old_lp)
         learner = LearnerGroup(learner_cfg, model_path, cfg.model.dtype, cfg.seed, r.temperature, run_id,
                                micro_batch, resources=actor_options(cfg, "learner").get("resources"))
         transport = choose_transport(cfg.sync.transport, learner.call_rank0("node_id"), pool.node_ids())
@@ -180,10 +184,13 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             with timed(timings, "prepare"):  # old + reference logprobs, values, KL-shaped rewards, GAE
                 prep = learner_phase(learner, "prepare", it, ray.put(batch), it, cfg.sync.on_policy_tolerance,
                                      cfg.learner.importance_cap if r.async_steps else 0.0)
-                check_on_policy(prep, cfg.sync, it)
+                checked = check_on_policy(prep, cfg.sync, it)
 
             with timed(timings, "update"):
                 upd = learner_phase(learner, "update", it)
+            if not checked:  # learner.old_logprobs=update: the update's own forward scored the batch, before its step
+                if not check_on_policy(upd, cfg.sync, it):
+                    raise RuntimeError(f"iteration {it}: the learner reported no on-policy check in prepare or update")
 
             if nxt is not None:
                 with timed(timings, "generate_wait"):  # engines load new weights between generations, never during

@@ -144,8 +144,11 @@ def sync_weights(learner: Any, engines: list[Any], version: int, cfg: Any, trans
              "sync/engine_verify_s": max(x["verify_s"] for x in loads), "sync/num_buckets": len(update.buckets)}
     if expected_bytes is not None:
         stats["sync/expected_bytes"] = expected_bytes
+    stats["sync/served_check_s"] = time.perf_counter() - t_load
     if canary is not None and canary.num_rows:
+        t_canary = time.perf_counter()
         stats["sync/logprob_max_abs_diff"] = canary_check(learner, engines, canary, cfg)
+        stats["sync/canary_s"] = time.perf_counter() - t_canary
     return stats
 
 
@@ -175,15 +178,18 @@ class OnPolicyError(SyncError):
     """The learner's logprobs of the sampled tokens differ from the engine's beyond sync.on_policy_tolerance."""
 
 
-def check_on_policy(stats: dict[str, float], cfg: Any, iteration: int) -> None:
-    """Enforce the primary on-policy check on the learner's all-rank statistics (LearnerWorker.prepare).
+def check_on_policy(stats: dict[str, float], cfg: Any, iteration: int) -> bool:
+    """Enforce the primary on-policy check on the learner's all-rank statistics (LearnerWorker.prepare, or update
+    with learner.old_logprobs=update). Returns False when ``stats`` hold no check (the caller then needs another).
 
     Fails (or warns, sync.on_policy_action=warn) when more than sync.on_policy_max_frac of the response tokens
     differ by more than sync.on_policy_tolerance: the engines then sample from another policy than the one trained."""
     key = "rollout/engine_learner_logprob"
+    if f"{key}_frac_over_tol" not in stats:
+        return False
     frac, worst, mean = stats[f"{key}_frac_over_tol"], stats[f"{key}_max_abs_diff"], stats[f"{key}_mean_abs_diff"]
     if frac <= cfg.on_policy_max_frac and np.isfinite(worst):
-        return
+        return True
     msg = (f"iteration {iteration}: on-policy check failed: {frac:.2%} of the response tokens have |engine logprob "
            f"- learner logprob| > sync.on_policy_tolerance={cfg.on_policy_tolerance} (allowed: "
            f"sync.on_policy_max_frac={cfg.on_policy_max_frac}); max {worst:.3g}, mean {mean:.3g}. The engines do not "
@@ -191,5 +197,5 @@ def check_on_policy(stats: dict[str, float], cfg: Any, iteration: int) -> None:
            "for bf16 raise the tolerance or max_frac, or set sync.on_policy_action=warn to continue anyway")
     if cfg.on_policy_action == "warn":
         logger.warning("%s", msg)
-        return
+        return True
     raise OnPolicyError(msg)

@@ -3,7 +3,11 @@
 - 2 ZeRO-2 ranks end in the same state as 1 rank on the same batch;
 - after an update every trainable parameter changed;
 - ZeRO-3 exports exactly the bytes ZeRO-2 exports for the same weights, and trains to the same state;
-- the engine/learner logprob statistics (the on-policy check) cover every rank's rows: 2 ranks report what 1 does.
+- the engine/learner logprob statistics (the on-policy check) cover every rank's rows: 2 ranks report what 1 does;
+- update() accumulates gradients over micro-batches (learner.forward_batch_size) into one step: 2 ranks of 2
+  micro-batches each end where 1 rank of one micro-batch does;
+- learner.old_logprobs=update (critic-free, one step per batch) trains exactly as a separate forward does, and its
+  on-policy check covers every token of every rank.
 """
 
 import numpy as np
@@ -28,9 +32,10 @@ def make_batch(vocab: int, seed: int = 0):
     return add_column(table, "reward", rng.normal(size=N).astype(np.float32))
 
 
-def train_once(path, run_id, ranks, stage, batch, lr=1e-3):
+def train_once(path, run_id, ranks, stage, batch, lr=1e-3, forward_batch_size=8):
     cfg = LearnerConfig(num_ranks=ranks, zero_stage=stage, lr=lr, ppo_epochs=2, num_minibatches=1,
-                        num_cpus=0.5, kl_coef=0.1, entropy_coef=0.01, timeout_s=600)
+                        num_cpus=0.5, kl_coef=0.1, entropy_coef=0.01, timeout_s=600,
+                        forward_batch_size=forward_batch_size)
     group = LearnerGroup(cfg, path, "float32", seed=0, temperature=1.0, run_id=f"{run_id}-{ranks}-{stage}",
                          micro_batch=N // ranks)
     try:
@@ -49,8 +54,9 @@ def runs(ray_cluster, tiny_model_path):
     from transformers import AutoConfig
 
     batch = make_batch(AutoConfig.from_pretrained(tiny_model_path).vocab_size)
-    return {key: train_once(tiny_model_path, "dist", ranks, stage, batch)
-            for key, (ranks, stage) in {"1r_z2": (1, 2), "2r_z2": (2, 2), "2r_z3": (2, 3)}.items()}
+    # One rank takes its 8 rows in one forward; the 2-rank groups take their 4 rows as 2 micro-batches of 2.
+    return {key: train_once(tiny_model_path, "dist", ranks, stage, batch, forward_batch_size=fbs)
+            for key, (ranks, stage, fbs) in {"1r_z2": (1, 2, 8), "2r_z2": (2, 2, 2), "2r_z3": (2, 3, 2)}.items()}
 
 
 def max_diff(a, b):
@@ -131,3 +137,48 @@ def test_critic_free_without_kl_builds_no_critic_and_no_reference(ray_cluster, t
     assert built["ppo"]["reference"] and built["ppo"]["value_head"]
     assert not built["grpo"]["reference"] and not built["grpo"]["value_head"]
     assert built["ppo"]["trainable_params"] - built["grpo"]["trainable_params"] == 64 + 1  # the value head
+
+
+def test_old_logprobs_from_the_update_pass(ray_cluster, tiny_model_path):
+    """GRPO, one step per batch: taking the old logprobs from update()'s own forward (no prepare forward) ends in
+    the same weights as a separate forward, and its on-policy check still sees every rank's tokens (row 1, on rank
+    1, is off by ~50)."""
+    import pyarrow as pa
+    from transformers import AutoConfig
+
+    batch = make_batch(AutoConfig.from_pretrained(tiny_model_path).vocab_size)
+    batch = batch.set_column(0, "prompt_id", pa.array([i // 4 for i in range(N)], type=pa.int64()))
+    out = {}
+    for mode in ("forward", "update", "autocast"):
+        cfg = LearnerConfig(num_ranks=2, algorithm="grpo", kl_in_loss=True, kl_coef=0.1, lr=1e-3,
+                            num_minibatches=1, num_cpus=0.5, timeout_s=600, max_new_tokens=12,
+                            forward_batch_size=2, old_logprobs="forward" if mode == "autocast" else mode,
+                            update_autocast="bfloat16" if mode == "autocast" else "")
+        group = LearnerGroup(cfg, tiny_model_path, "float32", 0, 1.0, f"oldlp-{mode}", micro_batch=N // 2)
+        try:
+            before = group.call_rank0("full_state")
+            prep = group.call_rank0("prepare", batch, 0)
+            upd = group.call_rank0("update")
+            out[mode] = (before, group.call_rank0("full_state"), prep, upd)
+        finally:
+            group.shutdown()
+    key = "rollout/engine_learner_logprob"
+    (b_f, a_f, prep_f, upd_f), (b_u, a_u, prep_u, upd_u) = out["forward"], out["update"]
+    assert f"{key}_max_abs_diff" in prep_f and f"{key}_max_abs_diff" not in upd_f
+    assert f"{key}_max_abs_diff" in upd_u and f"{key}_max_abs_diff" not in prep_u  # checked in update, not skipped
+    for stat in ("max_abs_diff", "mean_abs_diff", "frac_over_tol", "tokens_checked"):
+        assert upd_u[f"{key}_{stat}"] == pytest.approx(prep_f[f"{key}_{stat}"], rel=1e-5), stat
+    assert upd_u[f"{key}_max_abs_diff"] > 50
+    assert upd_u["rollout/entropy"] == pytest.approx(prep_f["rollout/entropy"], rel=1e-5)
+    moved = max_diff(b_f, a_f)
+    assert max_diff(b_f, b_u) == 0.0 and moved > 1e-4
+    assert max_diff(a_f, a_u) < 1e-5 * max(1.0, moved * 100)
+    # learner.update_autocast=bfloat16: the update computes in bf16 (a different step, but near the fp32 one), while
+    # prepare's scoring and its check stay in fp32.
+    b_a, a_a, prep_a, upd_a = out["autocast"]
+    assert prep_a[f"{key}_max_abs_diff"] == pytest.approx(prep_f[f"{key}_max_abs_diff"], rel=1e-6)
+    step_f = np.concatenate([(a_f[k] - b_f[k]).ravel() for k in sorted(a_f)])
+    step_a = np.concatenate([(a_a[k] - b_a[k]).ravel() for k in sorted(a_a)])
+    assert max_diff(a_f, a_a) > 0  # it did compute in bf16
+    assert step_f @ step_a / (np.linalg.norm(step_f) * np.linalg.norm(step_a)) > 0.9  # nearly the same step
+    assert upd_a["learner/approx_kl"] != 0.0 and upd_f["learner/approx_kl"] == pytest.approx(0.0, abs=1e-6)

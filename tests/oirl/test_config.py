@@ -50,6 +50,9 @@ def test_dotted_overrides_in_both_spellings():
     ("learner.vf_coef=-1", "learner.vf_coef=-1.0 must be >= 0"),
     ("sync.on_policy_action=ignore", "sync.on_policy_action='ignore' must be 'error' or 'warn'"),
     ("sync.on_policy_max_frac=1", "sync.on_policy_max_frac=1.0 must be in [0, 1)"),
+    ("learner.update_autocast=float16", "learner.update_autocast='float16' must be '' (off) or 'bfloat16'"),
+    ("learner.old_logprobs=engine", "learner.old_logprobs='engine' must be 'auto', 'forward' or 'update'"),
+    ("learner.old_logprobs=update", "learner.old_logprobs=update needs a critic-free learner.algorithm"),
 ])
 def test_bad_values_name_the_field(override, fragment):
     overrides = [override]
@@ -63,3 +66,18 @@ def test_bad_values_name_the_field(override, fragment):
 def test_missing_config_file_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_old_logprobs_update_needs_one_on_policy_step_per_batch():
+    """learner.old_logprobs=update is allowed exactly where update()'s forward sees the engine's weights."""
+    from oirl.config import fused_old_logprobs_blockers
+
+    grpo = ["learner.algorithm=grpo", "learner.kl_in_loss=true", "learner.num_minibatches=1", "learner.ppo_epochs=1"]
+    assert fused_old_logprobs_blockers(load_config(REPO_ROOT / "configs" / "smoke.yaml", grpo)) == []
+    load_config(REPO_ROOT / "configs" / "smoke.yaml", grpo + ["learner.old_logprobs=update"])
+    for extra, fragment in (("learner.num_minibatches=2", "learner.num_minibatches=2 must both be 1"),
+                            ("learner.ppo_epochs=2", "learner.ppo_epochs=2"),
+                            ("rollout.async_steps=1", "rollout.async_steps=0")):
+        with pytest.raises(ConfigError, match="learner.old_logprobs=update needs") as err:
+            load_config(REPO_ROOT / "configs" / "smoke.yaml", grpo + [extra, "learner.old_logprobs=update"])
+        assert fragment in str(err.value)
