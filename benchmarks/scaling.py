@@ -1,7 +1,8 @@
 """Scaling: iteration time and rollout throughput against engines x learner ranks, measured on this machine, and a
 cost model's projection to 7B and 70B models on 8-64 GPUs, checked against published refit figures.
 
-    deploy/loopback.sh python -m benchmarks.scaling --out DIR [--quick] [--iterations 3] [--grid 1x1,2x2] [overrides]
+    deploy/loopback.sh python -m benchmarks.scaling --out DIR [--quick] [--iterations 3] [--grid 1x1,2x2]
+                                                    [--keep-measured] [overrides]
 
 Measured. For each (engines, ranks) of the grid, the real `oirl train` on the default job (configs/demo.yaml,
 SmolLM2-135M; `--quick`: configs/smoke.yaml, the tiny model) with rollout.ignore_eos=true (every sample runs to
@@ -183,6 +184,19 @@ def gpu_workload() -> cm.Workload:
                        max_num_seqs=cfg.rollout.max_num_seqs)
 
 
+def missing_features(layout: dict[str, Any], reference: bool) -> list[str]:
+    """What oirl lacks today to run a projected layout (the projection assumes it is there)."""
+    missing = []
+    if layout["tp"] > 1:
+        missing.append("tensor-parallel engines: RolloutConfig has no tensor_parallel_size and the collective "
+                       "transport assumes one worker per engine")
+    if layout["zero_stage"] == 3 and reference:
+        missing.append("a reference model sharded like the policy: the learner loads a full reference on every rank")
+    if layout["offload"]:
+        missing.append("ZeRO optimizer offload: no learner setting turns it on")
+    return missing
+
+
 def projected(eff: cm.Efficiency, notes: dict[str, Any], w: cm.Workload) -> list[dict[str, Any]]:
     gpu = cm.Gpu()
     out = []
@@ -191,6 +205,7 @@ def projected(eff: cm.Efficiency, notes: dict[str, Any], w: cm.Workload) -> list
             r = cm.best_layout(model, gpu, eff, w, gpus)
             out.append({"model_params": model.params, "gpus": gpus, "fits": r["fits"],
                         "iteration_seconds": r["iteration_seconds"], "sync_seconds": r["sync_seconds"],
+                        "oirl_lacks": missing_features(r["layout"], w.reference) if r["fits"] else [],
                         **{k: r[k] for k in ("generate_seconds", "learner_seconds", "learner_breakdown",
                                              "sync_breakdown", "layout", "why") if k in r},
                         "assumptions": {"gpu": asdict(gpu), "model": asdict(model), "workload": asdict(w),
@@ -219,6 +234,8 @@ def peer_checks(eff: cm.Efficiency) -> list[dict[str, Any]]:
 
 
 def parse_grid(text: str) -> list[tuple[int, int]]:
+    if text.strip().lower() == "none":  # no point: recompute the projection (with --keep-measured: keep the points)
+        return []
     try:
         return [(int(e), int(r)) for e, r in (item.lower().split("x") for item in text.split(","))]
     except ValueError as e:
@@ -244,8 +261,12 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--quick", action="store_true", help="configs/smoke.yaml (the tiny model), 1x1 and 2x2")
     parser.add_argument("--iterations", type=int, default=None, help="per grid point (default 3; --quick 2)")
-    parser.add_argument("--grid", help="ENGINESxRANKS,... (default 1x1,1x2,2x1,2x2; --quick 1x1,2x2)")
+    parser.add_argument("--grid", help="ENGINESxRANKS,... (default 1x1,1x2,2x1,2x2; --quick 1x1,2x2); 'none': only "
+                                       "the projection (with --keep-measured, the measured points are kept)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="longest wait for one grid point, seconds")
+    parser.add_argument("--keep-measured", action="store_true",
+                        help="keep the points of an existing DIR/scaling.json that --grid does not rerun (run the "
+                             "grid one point at a time, e.g. each under its own lock)")
     args, extra = parser.parse_known_args()
     config = REPO / "configs" / ("smoke.yaml" if args.quick else "demo.yaml")
     grid = parse_grid(args.grid) if args.grid else list(QUICK_GRID if args.quick else GRID)
@@ -253,11 +274,18 @@ def main() -> int:
     if iterations < 2:
         raise SystemExit("--iterations must be >= 2: the first iteration is warm-up and is not reported")
     args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "scaling.json"
+    kept = []
+    if args.keep_measured and path.is_file():
+        previous = json.loads(path.read_text())
+        if previous.get("config") != str(config.relative_to(REPO)):
+            raise SystemExit(f"--keep-measured: {path} holds points of {previous.get('config')}, not of "
+                             f"{config.relative_to(REPO)}; use another --out")
+        kept = [m for m in previous["measured"] if (m["engines"], m["ranks"]) not in grid]
     t0 = time.perf_counter()
-    measured = [run_point(config, e, r, iterations, extra, args.timeout) for e, r in grid]
     eff, notes = calibrate(RESULTS)
     result = {
-        "measured": measured,
+        "measured": kept,
         "projected": projected(eff, notes, gpu_workload()),
         "peer_checks": peer_checks(eff),
         "calibration": notes,
@@ -266,9 +294,15 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "fp32_matmul_gflops": matmul_gflops()},
         "config": str(config.relative_to(REPO)), "extra_overrides": extra, "quick": args.quick,
-        "multi_engine_overrides": MULTI_ENGINE_OVERRIDES, "seconds": time.perf_counter() - t0,
+        "multi_engine_overrides": MULTI_ENGINE_OVERRIDES,
     }
-    (args.out / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
+    for point in [None, *grid]:  # written first and after every point: a run cut short keeps what it measured
+        if point is not None:
+            result["measured"].append(run_point(config, *point, iterations, extra, args.timeout))
+        result["measured"].sort(key=lambda m: (m["engines"], m["ranks"]))
+        result["seconds"] = time.perf_counter() - t0
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    measured = result["measured"]
     for m in measured:
         print(f"{m['engines']} engine(s) x {m['ranks']} rank(s): {m['iteration_seconds']:6.1f} s/iteration, "
               f"{m['tokens_per_s']:6.1f} generated tokens/s")
