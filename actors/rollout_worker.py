@@ -5,6 +5,7 @@ Public methods (its RPC surface):
     load_weights(update: WeightUpdate, buffers) -> dict                   # in place, via vLLM's reload path
     served() -> dict                                                      # version + fingerprint the worker serves
     prompt_logprobs(token_ids, prompt_lens) -> list[np.ndarray]           # canary after a sync
+    peak_rss_mib() -> float                                               # peak memory, engine included
     shutdown()
 
 Writes the rollout columns of the RolloutBatch (see oirl/batch.py): prompt_id, sample_index, prompt_token_ids,
@@ -143,6 +144,13 @@ class RolloutWorker:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def peak_rss_mib(self) -> float:
+        """Peak resident memory of this actor with its engine (in process, or vLLM's own processes); the driver logs
+        it every iteration as memory/engine<i>_peak_rss_mib."""
+        from learner.ranks import tree_peak_rss_mib
+
+        return tree_peak_rss_mib()
 
     def generate(self, prompt_ids: list[int], prompt_token_ids: list[list[int]], expected_version: int,
                  seeds: list[int] | None = None) -> pa.Table:

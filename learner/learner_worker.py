@@ -20,6 +20,7 @@ Public methods (called on every rank by learner.group.LearnerGroup):
     prepare(batch, iteration, ...) -> stats        # old/ref logprobs, values, KL, advantages, on-policy check
     update() -> stats                              # epochs over mini-batches (only the critic during its warm-up)
     built() -> dict / critic_state() -> dict        # which models this rank holds; the separate critic (tests)
+    peak_rss_mib() -> float                         # this rank's peak memory (the driver logs it per rank)
     save_checkpoint(dir, tag) / load_checkpoint(dir, tag)   # policy and separate critic together
     + the publishing methods of WeightPublisher (export_weights, broadcast_weights, logprobs, save_hf, ...)
 
@@ -66,6 +67,12 @@ class LearnerWorker(WeightPublisher):
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def peak_rss_mib(self) -> float:
+        """This rank's peak resident memory so far; no collective, so the driver can ask between phases."""
+        from learner.ranks import tree_peak_rss_mib
+
+        return tree_peak_rss_mib()
 
     def built(self) -> dict:
         """What this rank holds: a reference model, a shared value head or a separate critic, and the parameters

@@ -1,5 +1,5 @@
 """Rank plumbing of the learner: the torch.distributed rendezvous, sums and maxima over every rank, the DeepSpeed
-config the policy and the separate critic are built with, and the rank's peak memory.
+config the policy and the separate critic are built with, and the peak memory of a rank (or any actor).
 
 Nothing here knows about algorithms or models; learner_worker.py and critic.py call it.
 """
@@ -75,3 +75,19 @@ def deepspeed_config(micro_batch: int, world: int, zero_stage: int, lr: float, w
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def tree_peak_rss_mib() -> float:
+    """Peak resident memory of this process plus that of each live process it started (their VmHWM in /proc): an
+    actor's own processes, e.g. vLLM's engine core when the engine runs out of process. A sum of peaks, so an upper
+    bound when the children peaked at different times. Without /proc (not Linux): this process alone."""
+    import psutil
+
+    total_kib = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            with open(f"/proc/{child.pid}/status") as f:
+                total_kib += next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+        except OSError:  # exited meanwhile, or no /proc
+            continue
+    return peak_rss_mib() + total_kib / 1024.0

@@ -1,7 +1,7 @@
 """The PPO driver: one loop, read top to bottom.
 
     for iteration k:  generate (version k) -> reward -> prepare (ref logprobs, values, GAE) -> update
-                      -> weight sync (version k+1, verified) -> checkpoint (committed) -> log
+                      -> weight sync (version k+1, verified) -> checkpoint (committed) -> peak memory -> log
 
 Strict on-policy (the default): iteration k generates with weights version k, every sample is checked for it, and
 the learner's logprobs of the sampled tokens must match the engine's (sync.on_policy_tolerance). One-step-off
@@ -209,8 +209,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                         pq.write_table(ahead, ckpt_dir / tag / PREFETCHED)
                     faults.point("checkpoint", it)
 
+            with timed(timings, "memory"):  # every process's peak RSS so far: one small call per actor, all idle now
+                memory = peak_memory(pool.engines, learner, reward)
+
             timings["timing_s/iteration"] = time.perf_counter() - t_iter
-            last = iteration_metrics(it, batch, rewards, timings, prep, upd, sync_stats, engine_restarts=pool.restarts)
+            last = iteration_metrics(it, batch, rewards, timings, prep, upd, sync_stats, memory,
+                                     engine_restarts=pool.restarts)
             if save:
                 checkpoint.commit(ckpt_dir, tag, {"iteration": it + 1, "data": dataset.state(), "run_id": run_id,
                                                   "reward_state": reward_state, "metrics_row": last,
@@ -247,6 +251,24 @@ def learner_phase(learner: LearnerGroup, phase: str, it: int, *args: Any) -> dic
     if phase == "update" and faults.actor_to_kill("learner", it):
         ray.kill(learner.workers[-1], no_restart=True)
     return learner.wait(refs, phase)[0]
+
+
+MEMORY_TIMEOUT_S = 60.0  # the actors are idle when asked, so an answer takes milliseconds
+
+
+def peak_memory(engines: list[Any], learner: LearnerGroup, reward: Any) -> dict[str, float]:
+    """memory/<role>_peak_rss_mib for the driver, every engine (with its vLLM processes), every learner rank and
+    the reward actor: each process's resident-memory high-water mark so far (getrusage), so a row holds the peak
+    up to its iteration. Every actor is asked at once and waited for once."""
+    from learner.ranks import peak_rss_mib
+
+    names = ([f"engine{i}" for i in range(len(engines))] + [f"learner_rank{r}" for r in range(len(learner.workers))]
+             + ["reward"])
+    refs = [e.peak_rss_mib.remote() for e in engines] + learner.submit("peak_rss_mib") + [reward.peak_rss_mib.remote()]
+    values = get_all(refs, MEMORY_TIMEOUT_S, "peak memory", names)
+    # The driver alone: its descendants are Ray's own processes and, through them, every actor.
+    return {"memory/driver_peak_rss_mib": peak_rss_mib(),
+            **{f"memory/{n}_peak_rss_mib": float(v) for n, v in zip(names, values)}}
 
 
 def iteration_metrics(it: int, batch: pa.Table, rewards: np.ndarray, timings: dict[str, float],

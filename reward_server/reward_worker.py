@@ -6,6 +6,7 @@ Public methods (its RPC surface; the HTTP front in reward_server/http.py calls t
     score_batch(batch, norm_state: dict | None) -> (np.ndarray[float32], dict)
     score_texts(prompts, responses, references, update_stats=True) -> np.ndarray[float32]
     stats() -> dict
+    peak_rss_mib() -> float                                           # this actor's peak memory
 
 Reads the RolloutBatch columns prompt_token_ids, response_token_ids and reference; the driver adds the result as
 the ``reward`` column. Backends, combined as a weighted sum: a rule (GSM8K final-answer match, synthetic digits), a
@@ -312,6 +313,12 @@ class RewardWorker:
 
     def stats(self) -> dict:
         return {"scored": self.scored, "running_mean": self.moments.mean, "running_std": self.moments.std}
+
+    def peak_rss_mib(self) -> float:
+        """This actor's peak resident memory so far (the driver logs it as memory/reward_peak_rss_mib)."""
+        from learner.ranks import tree_peak_rss_mib
+
+        return tree_peak_rss_mib()
 
     def pid(self) -> int:
         import os

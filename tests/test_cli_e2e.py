@@ -87,6 +87,30 @@ def test_smoke_run_is_on_policy_and_verified(learning_run):
 
 @pytest.mark.slow
 @requires_loopback
+def test_every_iteration_logs_the_peak_memory_of_every_process(learning_run):
+    from oirl.config import load_config
+
+    cfg = load_config(SMOKE)
+    roles = (["driver", "reward"] + [f"engine{i}" for i in range(cfg.rollout.num_engines)]
+             + [f"learner_rank{r}" for r in range(cfg.learner.num_ranks)])
+    rows = metrics(learning_run)
+    for r in rows:
+        logged = sorted(k for k in r if k.startswith("memory/"))
+        assert logged == sorted(f"memory/{role}_peak_rss_mib" for role in roles)
+        # Every process holds at least its Python interpreter and torch (well over 100 MiB); none is unbounded.
+        assert all(100 < r[k] < 64 * 1024 for k in logged), {k: r[k] for k in logged}
+        # The per-rank values are the ones the learner's max over ranks was taken from (at update time, so <=).
+        assert r["learner/peak_rss_mib"] <= max(r[f"memory/learner_rank{i}_peak_rss_mib"]
+                                                for i in range(cfg.learner.num_ranks))
+    # High-water marks of processes that live through the run never go down.
+    for key in rows[0]:
+        if key.startswith("memory/"):
+            series = [r[key] for r in rows]
+            assert series == sorted(series), (key, series)
+
+
+@pytest.mark.slow
+@requires_loopback
 def test_ppo_learns_the_synthetic_task_and_flipped_sign_does_not(learning_run, tmp_path):
     def gain(rows):
         rewards = [r["reward/mean"] for r in rows]

@@ -14,7 +14,7 @@ def bench(*args: str) -> subprocess.CompletedProcess:
 
 def test_a_benchmark_not_built_yet_is_refused_naming_the_built_ones():
     proc = bench("e2e", "--out", "/tmp/never-written")
-    assert proc.returncode == 2 and "'e2e' is not built yet; built: gsm8k, rollout, sync" in proc.stderr
+    assert proc.returncode == 2 and "'e2e' is not built yet; built: gsm8k, memory, rollout, scaling, sync" in proc.stderr
 
 
 def test_quick_is_refused_where_the_benchmark_has_none():
