@@ -51,7 +51,8 @@ class RolloutConfig:
     cpu_threads: int = 0
     """OpenMP threads a CPU engine computes with. 0: every core of the node when strictly on-policy (the learner
     waits while the engine generates, so its cores would idle), else max(1, num_cpus). Ray sets OMP_NUM_THREADS to
-    the actor's num_cpus, which alone held the engine to one core: 0.58x of the same engine outside Ray."""
+    the actor's num_cpus, which alone held the engine to one core: 0.58x of the same engine outside Ray. Several
+    engines on one node: give each its share of the cores."""
     in_process_engine: bool = True
     """Run the engine inside the actor process (fast start on CPU); false = vLLM's own engine processes."""
     num_cpus: float = 1.0

@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 GRID = ((1, 1), (1, 2), (2, 1), (2, 2))
 QUICK_GRID = ((1, 1), (2, 2))
-MULTI_ENGINE_OVERRIDES = ["rollout.cpu_threads_bind=nobind"]
+MULTI_ENGINE_OVERRIDES = ["rollout.cpu_threads_bind=nobind", "rollout.cpu_threads=1"]  # two engines share 2 cores
 PROJECTED_GPUS = (8, 16, 32, 64)
 H800 = replace(cm.Gpu(), name="NVIDIA H800 SXM 80GB", nvlink_bytes_per_s=200e9)  # NVLink 400 GB/s both directions
 
