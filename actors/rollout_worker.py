@@ -88,6 +88,10 @@ class SyncConfig:
     """Max |engine logprob - learner logprob| on the canary tokens after a sync (fp32)."""
     canary_samples: int = 2
     """Samples of the last batch re-scored by every engine after a sync."""
+    canary_every: int = 1
+    """Run the canary at the first sync and then at every N-th version (1: every sync; 0: never). The canary takes
+    ~2 s per sync at 135M on 2 cores; in strict on-policy mode the next iteration's on-policy check compares every
+    sampled token anyway, so a recipe may space the canary out (the fingerprint check runs at every sync)."""
     on_policy_tolerance: float = 1e-3
     """Per-token |engine logprob - learner logprob| allowed on the sampled tokens, checked every iteration over
     every response token of every rank (fp32: ~1e-5 is typical; bf16 needs ~0.05-0.1)."""

@@ -354,6 +354,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _check(s.transport in ("auto", "shm", "object_store", "collective"),
            f"sync.transport={s.transport!r} must be 'auto', 'shm', 'object_store' or 'collective'")
     _check(s.bucket_mb >= 1, f"sync.bucket_mb={s.bucket_mb} must be >= 1")
+    _check(s.canary_every >= 0, f"sync.canary_every={s.canary_every} must be >= 0 (0: never, 1: every sync)")
     _check(s.canary_tolerance > 0, f"sync.canary_tolerance={s.canary_tolerance} must be > 0")
     _check(s.on_policy_tolerance > 0, f"sync.on_policy_tolerance={s.on_policy_tolerance} must be > 0")
     _check(0 <= s.on_policy_max_frac < 1, f"sync.on_policy_max_frac={s.on_policy_max_frac} must be in [0, 1)")

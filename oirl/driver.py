@@ -40,7 +40,7 @@ from oirl.metrics import MetricsLogger, plot_curves
 from oirl.models import resolve_model
 from oirl.plan import actor_options, placement_plan
 from oirl.remote import get_all
-from oirl.sync import check_on_policy, checkpoint_tensors, choose_transport, form_weight_group, sync_weights
+from oirl.sync import canary_due, check_on_policy, checkpoint_tensors, choose_transport, form_weight_group, sync_weights
 from reward_server.reward_worker import spawn_reward_actor
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                     ahead = finish(nxt)
 
             with timed(timings, "sync"):  # publish version it+1 to every engine, verified
-                sync_stats = sync(pool.engines, it + 1, batch.slice(0, cfg.sync.canary_samples), it)
+                canary = batch.slice(0, cfg.sync.canary_samples) if canary_due(it + 1, cfg.sync.canary_every) else None
+                sync_stats = sync(pool.engines, it + 1, canary, it)
                 served = it + 1
 
             with timed(timings, "checkpoint"):  # every rank writes; committed below, after the row is complete

@@ -152,6 +152,11 @@ def sync_weights(learner: Any, engines: list[Any], version: int, cfg: Any, trans
     return stats
 
 
+def canary_due(version: int, every: int) -> bool:
+    """Whether the sync that publishes ``version`` (1 = the first after version 0) runs the canary (sync.canary_every)."""
+    return every > 0 and (version - 1) % every == 0
+
+
 def canary_check(learner: Any, engines: list[Any], rows: pa.Table, cfg: Any) -> float:
     prompts = rows.column("prompt_token_ids").to_pylist()
     responses = rows.column("response_token_ids").to_pylist()

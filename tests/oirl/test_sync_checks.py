@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from actors.rollout_worker import SyncConfig
-from oirl.sync import OnPolicyError, SyncError, check_against_checkpoint, check_on_policy, checkpoint_tensors
+from oirl.sync import OnPolicyError, canary_due, SyncError, check_against_checkpoint, check_on_policy, checkpoint_tensors
 from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets
 
 
@@ -63,3 +63,9 @@ def test_on_policy_check_enforces_tolerance_and_fraction(caplog):
     with caplog.at_level(logging.WARNING):
         check_on_policy(_stats(0.5), SyncConfig(on_policy_action="warn"), 2)
     assert "on-policy check failed" in caplog.text
+
+
+def test_canary_schedule():
+    assert [v for v in range(1, 25) if canary_due(v, 10)] == [1, 11, 21]
+    assert all(canary_due(v, 1) for v in range(1, 5))
+    assert not any(canary_due(v, 0) for v in range(1, 5))
