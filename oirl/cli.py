@@ -3,7 +3,7 @@
     oirl train [--config F] [--out DIR] [--resume] [--address ADDR] [dotted.overrides ...]
     oirl prepare-model [--config F]      # convert/build the model once (cached)
     oirl show-config [--config F] [overrides ...]
-    oirl bench rollout|sync|gsm8k [--quick] --out DIR   # benchmarks/, JSON under DIR
+    oirl bench rollout|sync|gsm8k|e2e [--quick] --out DIR   # benchmarks/, JSON under DIR
     oirl sft --out DIR [--data F] [--model M] [key=value ...]     # behaviour cloning (learner/sft.py)
     oirl pipeline --config F [--out DIR] [overrides ...]          # SFT -> reward model -> PPO (oirl/pipeline.py)
     oirl prompt-oirl collect|train|select|eval ...   # see oirl/prompt_oirl/cli.py
@@ -24,8 +24,8 @@ from oirl.config import OFFLINE_ENV, REPO_ROOT, ConfigError, ModelConfig, load_c
 # `oirl bench <name>`: the module that runs it (from the repository root; anything that starts Ray wants
 # deploy/loopback.sh around the command) and whether it has a --quick mode.
 BENCHMARKS = {"rollout": ("benchmarks.rollout", True), "sync": ("benchmarks.sync", True),
-              "gsm8k": ("benchmarks.gsm8k_algorithms", False)}
-NOT_BUILT = {"e2e", "scaling", "memory"}
+              "gsm8k": ("benchmarks.gsm8k_algorithms", False), "e2e": ("benchmarks.e2e", True)}
+NOT_BUILT = {"scaling", "memory"}
 
 
 def _bench(name: str, out: str, quick: bool, rest: list[str]) -> int:

@@ -1,5 +1,6 @@
 """`oirl bench`: unknown or unbuilt benchmarks and a --quick a benchmark lacks are refused with a clear message
-(the quick runs themselves go through `oirl bench` in test_sync_bench.py and test_rollout_bench.py)."""
+(the quick runs themselves go through `oirl bench` in test_sync_bench.py, test_rollout_bench.py and
+test_bench_e2e.py)."""
 
 import subprocess
 import sys
@@ -13,8 +14,8 @@ def bench(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_benchmark_not_built_yet_is_refused_naming_the_built_ones():
-    proc = bench("e2e", "--out", "/tmp/never-written")
-    assert proc.returncode == 2 and "'e2e' is not built yet; built: gsm8k, rollout, sync" in proc.stderr
+    proc = bench("scaling", "--out", "/tmp/never-written")
+    assert proc.returncode == 2 and "'scaling' is not built yet; built: e2e, gsm8k, rollout, sync" in proc.stderr
 
 
 def test_quick_is_refused_where_the_benchmark_has_none():
