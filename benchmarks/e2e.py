@@ -203,24 +203,23 @@ def run_oirl(name: str, overrides: list[str], out: Path, prompts: list[list[dict
 # ---- TRL -----------------------------------------------------------------------------------------------------
 
 def ensure_trl_venv(venv: Path) -> dict[str, Any]:
-    """Build TRL's environment if it is missing (benchmarks/trl_env.sh; pinned to this environment's torch and
-    transformers); return its path, whether it was built now and how long that took."""
-    import accelerate
-    import torch
-    import transformers
-
-    env = {**os.environ, "OIRL_TRL_TORCH": torch.__version__, "OIRL_TRL_TRANSFORMERS": transformers.__version__,
-           "OIRL_TRL_ACCELERATE": accelerate.__version__, "OIRL_TRL_PYTHON": sys.executable}
+    """TRL's environment (benchmarks/trl_env.sh: pinned to this environment's torch, transformers and accelerate):
+    checked, or built when missing and the network is there; its path, whether it was built now and how long."""
+    env = {**os.environ, "OIRL_TRL_PYTHON": sys.executable}
+    script = ["bash", str(REPO / "benchmarks" / "trl_env.sh")]
+    check = subprocess.run([*script, "--check", str(venv)], env=env, capture_output=True, text=True, timeout=600)
+    if check.returncode == 0:
+        return {"path": str(venv), "built_now": False, "build_seconds": 0.0}
+    if os.environ.get("OIRL_IN_LOOPBACK_NS") == "1":  # no network in here: pip would retry for minutes, then fail
+        raise RuntimeError(f"{check.stderr.strip()}\n(building it downloads from PyPI, which this loopback-only "
+                           "namespace cannot reach: build it outside deploy/loopback.sh, then rerun)")
     t0 = time.perf_counter()
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "trl_env.sh"), str(venv)], env=env, capture_output=True,
-                          text=True, timeout=3600)
-    seconds = time.perf_counter() - t0
+    proc = subprocess.run([*script, str(venv)], env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"building TRL's environment in {venv} failed (benchmarks/trl_env.sh):\n"
                            f"{proc.stderr[-3000:]}")
-    built = "built" in proc.stdout
     print(f"e2e: {proc.stdout.strip().splitlines()[-1]}", flush=True)
-    return {"path": str(venv), "built_now": built, "build_seconds": seconds if built else 0.0}
+    return {"path": str(venv), "built_now": True, "build_seconds": time.perf_counter() - t0}
 
 
 def trl_versions(venv: Path) -> dict[str, Any]:
@@ -325,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    venv = Path(os.path.expanduser(args.trl_venv))
+    trl_venv = ensure_trl_venv(venv) if args.only != "oirl" else None  # before the long runs: fail fast
     iterations = args.iterations or (2 if args.quick else 4)
     cfg, overrides = job_config(args.quick, iterations)
     model_dir = str(resolve_model(cfg.model))
@@ -376,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             result["oirl"][r["algorithm"] if name == "default" else name] = r
 
     if args.only != "oirl":
-        venv = Path(os.path.expanduser(args.trl_venv))
-        result["trl_venv"] = ensure_trl_venv(venv)
+        result["trl_venv"] = trl_venv
         result["versions"]["trl_venv"] = trl_versions(venv)
         flat = [p for drawn in prompts for p in drawn]
         spec = {"model": model_dir, "rows": flat, "samples": per_prompt, "prompts_per_step": n,

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # The TRL side of `oirl bench e2e` runs in its own virtual environment, so TRL's dependencies never touch oirl's.
-# It gets the same CPU build of torch and the same transformers as the main environment (their versions are
-# passed in by benchmarks/e2e.py from the interpreter that runs it), plus TRL and what TRL needs.
+# It gets the same torch build (the local CPU wheel), transformers and accelerate as the main environment (read
+# from $OIRL_TRL_PYTHON, default python3), plus TRL and what TRL needs. deploy/setup.sh runs it; it downloads from
+# PyPI, so it cannot run inside deploy/loopback.sh's namespace (where the benchmark itself runs).
 #
-#   bash benchmarks/trl_env.sh [VENV]      # default: $OIRL_TRL_VENV, else ~/.cache/oirl/trl-venv
+#   bash benchmarks/trl_env.sh [--check] [VENV]   # default VENV: $OIRL_TRL_VENV, else ~/.cache/oirl/trl-venv
 #
 # Idempotent: a marker file records the pins the environment was built with; a matching marker skips the build.
-# Versions can be overridden with the environment variables below (e2e.py sets them to the main environment's).
+# --check builds nothing: exit 0 when VENV is ready, 3 when it is not. OIRL_TRL_<PACKAGE> overrides a pin.
 set -euo pipefail
 
+CHECK=0
+if [[ "${1:-}" == "--check" ]]; then CHECK=1; shift; fi
 VENV="${1:-${OIRL_TRL_VENV:-$HOME/.cache/oirl/trl-venv}}"
 PYTHON="${OIRL_TRL_PYTHON:-python3}"
-TORCH="${OIRL_TRL_TORCH:-2.13.0+cpu}"               # a +cpu pin only matches the local CPU wheel (never CUDA)
-TRANSFORMERS="${OIRL_TRL_TRANSFORMERS:-5.19.0}"
-ACCELERATE="${OIRL_TRL_ACCELERATE:-1.15.0}"
+main_version() { "$PYTHON" -c "import importlib.metadata as m; print(m.version('$1'))"; }
+TORCH="${OIRL_TRL_TORCH:-$(main_version torch)}"
+TRANSFORMERS="${OIRL_TRL_TRANSFORMERS:-$(main_version transformers)}"
+ACCELERATE="${OIRL_TRL_ACCELERATE:-$(main_version accelerate)}"
 TRL="${OIRL_TRL_VERSION:-1.16.0}"
 DATASETS="${OIRL_TRL_DATASETS:-5.2.0}"
 
@@ -25,10 +29,15 @@ if [[ -f "$MARKER" && "$(cat "$MARKER")" == "$WANT" && -x "$VENV/bin/python" ]];
   echo "trl_env: $VENV is ready ($WANT)"
   exit 0
 fi
+if (( CHECK )); then
+  echo "trl_env: $VENV is not built for $WANT: run 'bash benchmarks/trl_env.sh' (deploy/setup.sh does)" >&2
+  exit 3
+fi
 
 case "$TORCH" in
   *+cpu) ;;
-  *) echo "trl_env: OIRL_TRL_TORCH=$TORCH must be a +cpu build (an unpinned torch pulls a multi-GB CUDA build)" >&2
+  *) echo "trl_env: torch $TORCH is not a +cpu build; pin OIRL_TRL_TORCH to one (torch==X without +cpu pulls a" \
+          "multi-GB CUDA build from PyPI)" >&2
      exit 2 ;;
 esac
 
@@ -36,7 +45,6 @@ start=$(date +%s)
 rm -rf "$VENV"
 mkdir -p "$(dirname "$VENV")"
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
 # torch first and alone, so nothing after it can swap it for another build.
 "$VENV/bin/python" -m pip install -q "torch==$TORCH"
 "$VENV/bin/python" -m pip install -q "${PINS[@]}"
