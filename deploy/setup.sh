@@ -16,6 +16,11 @@ DS_BUILD_OPS=0 "$PY" -m pip install -q -e ".[cpu,dev]"
 # CUDA builds of these come with vLLM's resolve and break beside the CPU torch ('torchvision::nms does not
 # exist' when transformers imports them): remove them last, after every resolve.
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# TRL for `oirl bench e2e`, in its own virtual environment (~/.cache/oirl/trl-venv, or $OIRL_TRL_VENV) with this
+# environment's torch CPU wheel and transformers; built here because the benchmark runs without network.
+# Not fatal: without PyPI (TRL 1.16 is not in every local index) everything but that benchmark still works, and its
+# test is skipped naming the reason.
+OIRL_TRL_PYTHON="$PY" bash benchmarks/trl_env.sh || echo "setup: TRL's venv was not built; oirl bench e2e needs it (bash benchmarks/trl_env.sh)" >&2
 # pyenv installs console scripts behind shims that only appear after a rehash.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 "$PY" - <<'PY'

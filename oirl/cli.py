@@ -3,7 +3,7 @@
     oirl train [--config F] [--out DIR] [--resume] [--address ADDR] [dotted.overrides ...]
     oirl prepare-model [--config F]      # convert/build the model once (cached)
     oirl show-config [--config F] [overrides ...]
-    oirl bench rollout|sync|gsm8k|memory|scaling [--quick] --out DIR   # benchmarks/, JSON under DIR
+    oirl bench rollout|sync|e2e|scaling|memory|gsm8k [--quick] --out DIR   # benchmarks/, JSON under DIR
     oirl sft --out DIR [--data F] [--model M] [key=value ...]     # behaviour cloning (learner/sft.py)
     oirl pipeline --config F [--out DIR] [overrides ...]          # SFT -> reward model -> PPO (oirl/pipeline.py)
     oirl prompt-oirl collect|train|select|eval ...   # see oirl/prompt_oirl/cli.py
@@ -25,16 +25,12 @@ from oirl.config import OFFLINE_ENV, REPO_ROOT, ConfigError, ModelConfig, load_c
 # deploy/loopback.sh around the command) and whether it has a --quick mode.
 BENCHMARKS = {"rollout": ("benchmarks.rollout", True), "sync": ("benchmarks.sync", True),
               "gsm8k": ("benchmarks.gsm8k_algorithms", False), "memory": ("benchmarks.memory", True),
-              "scaling": ("benchmarks.scaling", True)}
-NOT_BUILT = {"e2e"}
+              "scaling": ("benchmarks.scaling", True), "e2e": ("benchmarks.e2e", True)}
 
 
 def _bench(name: str, out: str, quick: bool, rest: list[str]) -> int:
     import subprocess
 
-    if name in NOT_BUILT:
-        print(f"oirl: benchmark {name!r} is not built yet; built: {', '.join(sorted(BENCHMARKS))}", file=sys.stderr)
-        return 2
     module, has_quick = BENCHMARKS[name]
     if quick and not has_quick:
         print(f"oirl: benchmark {name!r} has no --quick mode; pass its own size options instead", file=sys.stderr)
@@ -90,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p_pref.add_argument("--questions", type=int, default=256)
     p_pref.add_argument("--samples", type=int, default=2, help="samples per question (one wrong one is kept)")
     p_bench = sub.add_parser("bench", help="run a benchmark (benchmarks/<name>.py); it writes DIR/<name>.json")
-    p_bench.add_argument("name", choices=sorted(BENCHMARKS) + sorted(NOT_BUILT))
+    p_bench.add_argument("name", choices=sorted(BENCHMARKS))
     p_bench.add_argument("--out", required=True)
     p_bench.add_argument("--quick", action="store_true", help="a few minutes here (where the benchmark has it)")
     p_sft = sub.add_parser("sft", help="supervised fine-tuning (behaviour cloning) on GSM8K demonstrations")

@@ -89,6 +89,7 @@ class PromptDataset:
             rows = synthetic_rows(cfg.max_rows or 1024, cfg.seed)
             texts = [q for q, _ in rows]
         self.references = [r for _, r in rows]
+        self.texts = texts  # the user message of each prompt (benchmarks hand the same prompts to other trainers)
         self.token_ids = [self._tokenize(tokenizer, t, i) for i, t in enumerate(texts)]
         self.epoch, self.cursor = 0, 0
         self._order = self._permutation(0)

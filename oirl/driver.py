@@ -276,6 +276,7 @@ def iteration_metrics(it: int, batch: pa.Table, rewards: np.ndarray, timings: di
                       *stats: dict[str, Any], engine_restarts: int = 0) -> dict[str, Any]:
     versions = batch.column("policy_version").to_numpy()
     resp_tokens = pc.sum(pc.list_value_length(batch.column("response_token_ids"))).as_py()
+    prompt_tokens = pc.sum(pc.list_value_length(batch.column("prompt_token_ids"))).as_py()
     row: dict[str, Any] = {
         "iteration": it,
         "rollout/policy_version_min": int(versions.min()),
@@ -284,6 +285,7 @@ def iteration_metrics(it: int, batch: pa.Table, rewards: np.ndarray, timings: di
         "rollout/staleness_mean": float(it - versions.mean()),
         "rollout/samples": batch.num_rows,
         "rollout/response_tokens_mean": resp_tokens / batch.num_rows,
+        "rollout/prompt_tokens_mean": prompt_tokens / batch.num_rows,  # with the response: the compute floor's tokens
         "rollout/engine_restarts": engine_restarts,
         "reward/mean": float(np.mean(rewards)),
         "reward/std": float(np.std(rewards)),

@@ -1,5 +1,6 @@
-"""`oirl bench`: unknown or unbuilt benchmarks and a --quick a benchmark lacks are refused with a clear message
-(the quick runs themselves go through `oirl bench` in test_sync_bench.py and test_rollout_bench.py)."""
+"""`oirl bench`: unknown benchmarks and a --quick a benchmark lacks are refused with a clear message
+(the quick runs themselves go through `oirl bench` in test_sync_bench.py, test_rollout_bench.py and
+test_bench_e2e.py)."""
 
 import subprocess
 import sys
@@ -10,11 +11,6 @@ from oirl.config import REPO_ROOT
 def bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "oirl.cli", "bench", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120)
-
-
-def test_a_benchmark_not_built_yet_is_refused_naming_the_built_ones():
-    proc = bench("e2e", "--out", "/tmp/never-written")
-    assert proc.returncode == 2 and "'e2e' is not built yet; built: gsm8k, memory, rollout, scaling, sync" in proc.stderr
 
 
 def test_quick_is_refused_where_the_benchmark_has_none():
