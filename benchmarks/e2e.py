@@ -47,7 +47,11 @@ DEMO = REPO / "configs" / "demo.yaml"
 BENCH_MODE = ["rollout.ignore_eos=true"]  # every sample runs to max_new_tokens: equal work on both sides
 QUICK = ["model.path=tiny", "data.prompts_per_iteration=2", "rollout.samples_per_prompt=2",
          "rollout.max_new_tokens=16", "learner.num_minibatches=1", "data.max_rows=64", "data.max_prompt_tokens=1024"]
-ALGORITHMS = {"default": [], "grpo": ["learner.algorithm=grpo", "learner.kl_in_loss=true"]}
+# The default job (PPO, fp32); GRPO with one optimizer step per batch as TRL's GRPOTrainer takes here (so the old
+# logprobs come from the update's own forward: learner.old_logprobs=auto); the default job with a mixed-precision
+# update and a bf16 reference (fp32 master weights, engine, on-policy check and published weights).
+ALGORITHMS = {"default": [], "grpo": ["learner.algorithm=grpo", "learner.kl_in_loss=true", "learner.num_minibatches=1"],
+              "ppo_mixed_precision": ["learner.update_autocast=bfloat16", "learner.ref_dtype=bfloat16"]}
 PHASES = ("generate", "reward", "prepare", "update", "sync", "checkpoint")
 TRL_LAYOUTS = {"one_process": 1, "ddp_two_processes": 2}
 
@@ -397,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         best = max(result["trl"], key=lambda k: result["trl"][k]["samples_per_s"])
         result["trl_layout"] = best
         result["trl_samples_per_s"] = result["trl"][best]["samples_per_s"]
+        for r in result.get("oirl", {}).values():
+            r["ratio_vs_trl"] = r["samples_per_s"] / result["trl_samples_per_s"]
         result["trl_iteration_seconds"] = result["trl"][best]["iteration_seconds"]
 
     if "oirl" in result:
