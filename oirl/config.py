@@ -386,7 +386,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         _check(value > 0, f"{name}={value} must be > 0: every remote wait needs a timeout")
 
 
-def fused_old_logprobs_blockers(cfg: "RunConfig") -> list[str]:
+def fused_old_logprobs_blockers(cfg: RunConfig) -> list[str]:
     """Why update()'s forward cannot serve as the old logprobs (learner.old_logprobs); empty when it can."""
     lr, out = cfg.learner, []
     if lr.algorithm == "ppo":

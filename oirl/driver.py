@@ -40,7 +40,14 @@ from oirl.metrics import MetricsLogger, plot_curves
 from oirl.models import resolve_model
 from oirl.plan import actor_options, placement_plan
 from oirl.remote import get_all
-from oirl.sync import canary_due, check_on_policy, checkpoint_tensors, choose_transport, form_weight_group, sync_weights
+from oirl.sync import (
+    canary_due,
+    check_on_policy,
+    checkpoint_tensors,
+    choose_transport,
+    form_weight_group,
+    sync_weights,
+)
 from reward_server.reward_worker import spawn_reward_actor
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from actors.rollout_worker import SyncConfig
-from oirl.sync import OnPolicyError, canary_due, SyncError, check_against_checkpoint, check_on_policy, checkpoint_tensors
+from oirl.sync import (
+    OnPolicyError,
+    SyncError,
+    canary_due,
+    check_against_checkpoint,
+    check_on_policy,
+    checkpoint_tensors,
+)
 from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets
 
 
