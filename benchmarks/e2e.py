@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trl-venv", default=os.environ.get("OIRL_TRL_VENV", "~/.cache/oirl/trl-venv"),
                         help="TRL's virtual environment (built on first use; env OIRL_TRL_VENV)")
     parser.add_argument("--trl-micro-batch", type=int, default=8, help="TRL's per-process micro-batch (rows)")
+    parser.add_argument("--trl-bf16", action="store_true",
+                        help="TRL with bf16=True (mixed precision), beside oirl's learner.update_autocast=bfloat16")
+    parser.add_argument("--trl-layout", choices=sorted(TRL_LAYOUTS), help="run only this TRL layout")
     args = parser.parse_args(argv)
 
     from oirl.models import resolve_model
@@ -390,8 +393,11 @@ def main(argv: list[str] | None = None) -> int:
                 "max_new_tokens": response, "temperature": cfg.rollout.temperature, "lr": cfg.learner.lr,
                 "beta": cfg.learner.kl_coef, "format_bonus": cfg.reward.format_bonus, "steps": iterations,
                 "seed": cfg.seed, "work_dir": str(out / "runs"),
-                "micro_batch": min(args.trl_micro_batch, n * per_prompt // max(TRL_LAYOUTS.values()))}
-        result["trl"] = {layout: run_trl(layout, procs, venv, spec, out) for layout, procs in TRL_LAYOUTS.items()}
+                "micro_batch": min(args.trl_micro_batch, n * per_prompt // max(TRL_LAYOUTS.values())),
+                "bf16": args.trl_bf16}
+        layouts = {k: v for k, v in TRL_LAYOUTS.items() if args.trl_layout in (None, k)}
+        result["trl"] = {layout: run_trl(layout, procs, venv, spec, out) for layout, procs in layouts.items()}
+        result["trl_bf16"] = args.trl_bf16
         for r in result["trl"].values():
             r["iteration_over_floor"] = r["iteration_seconds"] / floor_seconds
         result["trl_ppo"] = {"ran": False, "why": (

@@ -116,7 +116,7 @@ def run(spec: dict, threads: int) -> dict:
 
     out_dir = Path(spec["work_dir"]) / f"trl-{world}proc"
     config = GRPOConfig(
-        output_dir=str(out_dir), use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
+        output_dir=str(out_dir), use_cpu=True, bf16=bool(spec.get("bf16", False)), fp16=False, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, seed=spec["seed"], data_seed=spec["seed"], shuffle_dataset=False,
         max_steps=spec["steps"], per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=accumulation, steps_per_generation=accumulation, num_iterations=1,
