@@ -196,8 +196,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             with timed(timings, "update"):
                 upd = learner_phase(learner, "update", it)
             if not checked:  # learner.old_logprobs=update: the update's own forward scored the batch, before its step
-                if not check_on_policy(upd, cfg.sync, it):
-                    raise RuntimeError(f"iteration {it}: the learner reported no on-policy check in prepare or update")
+                check_on_policy(upd, cfg.sync, it, required=True)
 
             if nxt is not None:
                 with timed(timings, "generate_wait"):  # engines load new weights between generations, never during

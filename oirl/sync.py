@@ -183,14 +183,18 @@ class OnPolicyError(SyncError):
     """The learner's logprobs of the sampled tokens differ from the engine's beyond sync.on_policy_tolerance."""
 
 
-def check_on_policy(stats: dict[str, float], cfg: Any, iteration: int) -> bool:
+def check_on_policy(stats: dict[str, float], cfg: Any, iteration: int, required: bool = False) -> bool:
     """Enforce the primary on-policy check on the learner's all-rank statistics (LearnerWorker.prepare, or update
-    with learner.old_logprobs=update). Returns False when ``stats`` hold no check (the caller then needs another).
+    with learner.old_logprobs=update). Returns False when ``stats`` hold no check (the caller then needs another);
+    ``required``: the last phase that could have checked, so no check at all is an error.
 
     Fails (or warns, sync.on_policy_action=warn) when more than sync.on_policy_max_frac of the response tokens
     differ by more than sync.on_policy_tolerance: the engines then sample from another policy than the one trained."""
     key = "rollout/engine_learner_logprob"
     if f"{key}_frac_over_tol" not in stats:
+        if required:
+            raise OnPolicyError(f"iteration {iteration}: the learner reported no on-policy check in prepare or "
+                                "update, so nothing compared the engines' logprobs with the learner's")
         return False
     frac, worst, mean = stats[f"{key}_frac_over_tol"], stats[f"{key}_max_abs_diff"], stats[f"{key}_mean_abs_diff"]
     if frac <= cfg.on_policy_max_frac and np.isfinite(worst):

@@ -62,6 +62,9 @@ def _stats(frac, worst=0.5, mean=0.01):
 def test_on_policy_check_enforces_tolerance_and_fraction(caplog):
     assert check_on_policy(_stats(0.0, worst=1e-5), SyncConfig(), 0)
     assert not check_on_policy({"kl/mean": 0.0}, SyncConfig(), 0)  # no check in these stats: the caller must look on
+    with pytest.raises(OnPolicyError, match="no on-policy check in prepare or update"):  # and the last place it looks
+        check_on_policy({"kl/mean": 0.0}, SyncConfig(), 3, required=True)
+    assert check_on_policy(_stats(0.0, worst=1e-5), SyncConfig(), 3, required=True)
     with pytest.raises(OnPolicyError, match=r"iteration 4: on-policy check failed: 0.10% of the response tokens"):
         check_on_policy(_stats(0.001), SyncConfig(), 4)
     check_on_policy(_stats(0.001), SyncConfig(on_policy_max_frac=0.01), 4)  # bf16-style allowance
