@@ -47,13 +47,35 @@ DEMO = REPO / "configs" / "demo.yaml"
 BENCH_MODE = ["rollout.ignore_eos=true"]  # every sample runs to max_new_tokens: equal work on both sides
 QUICK = ["model.path=tiny", "data.prompts_per_iteration=2", "rollout.samples_per_prompt=2",
          "rollout.max_new_tokens=16", "learner.num_minibatches=1", "data.max_rows=64", "data.max_prompt_tokens=1024"]
-# The default job (PPO, fp32); GRPO with one optimizer step per batch as TRL's GRPOTrainer takes here (so the old
-# logprobs come from the update's own forward: learner.old_logprobs=auto); the default job with a mixed-precision
-# update and a bf16 reference (fp32 master weights, engine, on-policy check and published weights).
-ALGORITHMS = {"default": [], "grpo": ["learner.algorithm=grpo", "learner.kl_in_loss=true", "learner.num_minibatches=1"],
-              "ppo_mixed_precision": ["learner.update_autocast=bfloat16", "learner.ref_dtype=bfloat16"]}
+# The learner's precision: fp32 throughout, or a mixed-precision update (bf16 autocast over fp32 master weights) and
+# a bf16 reference; the engine, the on-policy check and the published weights stay fp32 in both.
+PRECISION = {"fp32": ["learner.update_autocast=", "learner.ref_dtype="],
+             "mixed_precision": ["learner.update_autocast=bfloat16", "learner.ref_dtype=bfloat16"]}
+# Besides the default job (configs/demo.yaml as it is): GRPO in fp32 with one optimizer step per batch as TRL's
+# GRPOTrainer takes here (so the old logprobs come from the update's own forward: learner.old_logprobs=auto), and
+# PPO in the precision the default job does not use (not in --quick).
+GRPO = ["learner.algorithm=grpo", "learner.kl_in_loss=true", "learner.num_minibatches=1", *PRECISION["fp32"]]
 PHASES = ("generate", "reward", "prepare", "update", "sync", "checkpoint")
 TRL_LAYOUTS = {"one_process": 1, "ddp_two_processes": 2}
+TRL_PRECISIONS = ("fp32", "bf16")  # TrainingArguments(bf16=True): TRL's mixed precision
+
+
+def default_precision() -> str:
+    from oirl.config import load_config
+    return "mixed_precision" if load_config(str(DEMO), []).learner.update_autocast else "fp32"
+
+
+def oirl_runs(quick: bool) -> dict[str, list[str]]:
+    """The oirl configurations this benchmark runs, the default job first."""
+    runs = {"default": [], "grpo": GRPO}
+    if not quick:
+        other = next(p for p in PRECISION if p != default_precision())
+        runs[f"ppo_{other}"] = PRECISION[other]
+    return runs
+
+
+def trl_key(layout: str, precision: str) -> str:
+    return layout if precision == "fp32" else f"{layout}_{precision}"
 
 
 def warm(values: list[float]) -> float:
@@ -178,7 +200,8 @@ def run_oirl(name: str, overrides: list[str], out: Path, prompts: list[list[dict
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     shutil.copy(run_dir / "metrics.jsonl", out / f"oirl_{name}_metrics.jsonl")
     shutil.copy(run_dir / "config.json", out / f"oirl_{name}_config.json")
-    algorithm = json.loads((run_dir / "config.json").read_text())["learner"]["algorithm"]
+    learner_cfg = json.loads((run_dir / "config.json").read_text())["learner"]
+    algorithm = learner_cfg["algorithm"]
     shutil.rmtree(run_dir)  # checkpoints: GBs
     for it, (row, drawn) in enumerate(zip(rows, prompts)):
         want = sum(len(p["token_ids"]) for p in drawn) / len(drawn)
@@ -191,7 +214,8 @@ def run_oirl(name: str, overrides: list[str], out: Path, prompts: list[list[dict
     samples = rows[0]["rollout/samples"]
     iteration = warm(no_ckpt)
     return {
-        "algorithm": algorithm, "overrides": overrides, "wall_seconds": wall, "iterations": len(rows),
+        "algorithm": algorithm, "update_autocast": learner_cfg["update_autocast"], "overrides": overrides,
+        "wall_seconds": wall, "iterations": len(rows),
         "samples_per_iteration": samples, "samples_per_s": samples / iteration, "iteration_seconds": iteration,
         "iteration_seconds_with_checkpoint": warm(per_it["iteration"]),
         "phase_seconds": {p: warm(v) for p, v in per_it.items() if p != "iteration"},
@@ -279,14 +303,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     bars: list[tuple[str, dict[str, float], float]] = []
-    for r in result.get("oirl", {}).values():
+    for name, r in result.get("oirl", {}).items():
         ph = {p: r["phase_seconds"][p] for p in (*PHASES, "generate_wait") if p in r["phase_seconds"]}
         ph.pop("checkpoint", None)  # not in iteration_seconds
         ph["other"] = max(0.0, r["iteration_seconds"] - sum(ph.values()))
-        bars.append((f"oirl {r['algorithm']}", ph, r["iteration_seconds"]))
+        bars.append((f"oirl {name}\n{r['precision'].replace('_', ' ')}", ph, r["iteration_seconds"]))
     for r in result.get("trl", {}).values():
         if "phase_seconds" in r:
-            bars.append((f"TRL GRPO\n{r['processes']} proc x {r['threads_per_process']} thr",
+            bars.append((f"TRL GRPO {r.get('precision', 'fp32')}\n{r['processes']} proc x {r['threads_per_process']} thr",
                          {"generate": r["phase_seconds"]["generate"], "reward + reference": r["phase_seconds"]["score"],
                           "update": r["phase_seconds"]["update"]}, r["iteration_seconds"]))
     f = result["floor_seconds_per_phase"]
@@ -324,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trl-venv", default=os.environ.get("OIRL_TRL_VENV", "~/.cache/oirl/trl-venv"),
                         help="TRL's virtual environment (built on first use; env OIRL_TRL_VENV)")
     parser.add_argument("--trl-micro-batch", type=int, default=8, help="TRL's per-process micro-batch (rows)")
-    parser.add_argument("--trl-bf16", action="store_true",
-                        help="TRL with bf16=True (mixed precision), beside oirl's learner.update_autocast=bfloat16")
+    parser.add_argument("--trl-precisions", nargs="+", choices=TRL_PRECISIONS,
+                        help="TRL's precisions, each in every layout (default: fp32 and bf16; --quick: fp32)")
     parser.add_argument("--trl-layout", choices=sorted(TRL_LAYOUTS), help="run only this TRL layout")
     args = parser.parse_args(argv)
 
@@ -379,8 +403,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.only != "trl":
         result["oirl"] = {}
-        for name, extra in ALGORITHMS.items():
+        for name, extra in oirl_runs(args.quick).items():
             r = run_oirl(name, overrides + extra, out, prompts, response)
+            r["precision"] = "mixed_precision" if r.pop("update_autocast") else "fp32"
             r["iteration_over_floor"] = r["iteration_seconds"] / floor_seconds
             r["phase_over_floor"] = {p: r["phase_seconds"].get(p, 0.0) / floor[p] for p in floor}
             result["oirl"][r["algorithm"] if name == "default" else name] = r
@@ -393,28 +418,39 @@ def main(argv: list[str] | None = None) -> int:
                 "max_new_tokens": response, "temperature": cfg.rollout.temperature, "lr": cfg.learner.lr,
                 "beta": cfg.learner.kl_coef, "format_bonus": cfg.reward.format_bonus, "steps": iterations,
                 "seed": cfg.seed, "work_dir": str(out / "runs"),
-                "micro_batch": min(args.trl_micro_batch, n * per_prompt // max(TRL_LAYOUTS.values())),
-                "bf16": args.trl_bf16}
+                "micro_batch": min(args.trl_micro_batch, n * per_prompt // max(TRL_LAYOUTS.values()))}
         layouts = {k: v for k, v in TRL_LAYOUTS.items() if args.trl_layout in (None, k)}
-        result["trl"] = {layout: run_trl(layout, procs, venv, spec, out) for layout, procs in layouts.items()}
-        result["trl_bf16"] = args.trl_bf16
-        for r in result["trl"].values():
-            r["iteration_over_floor"] = r["iteration_seconds"] / floor_seconds
+        precisions = args.trl_precisions or (["fp32"] if args.quick else list(TRL_PRECISIONS))
+        result["trl"] = {}
+        for precision in precisions:
+            for layout, procs in layouts.items():
+                key = trl_key(layout, precision)
+                r = run_trl(key, procs, venv, {**spec, "bf16": precision == "bf16"}, out)
+                r.update(layout=layout, precision=precision, iteration_over_floor=r["iteration_seconds"] / floor_seconds)
+                result["trl"][key] = r
         result["trl_ppo"] = {"ran": False, "why": (
             f"TRL {result['versions']['trl_venv']['trl']} ships no PPO trainer (neither trl.PPOTrainer nor "
             "trl.experimental.ppo exists)")} if not result["versions"]["trl_venv"]["trl_has_ppo_trainer"] else {
             "ran": False, "why": "TRL has a PPO trainer, but this benchmark does not drive it yet"}
+        # TRL's fastest configuration over every layout and precision measured: the one oirl is compared with
         best = max(result["trl"], key=lambda k: result["trl"][k]["samples_per_s"])
         result["trl_layout"] = best
         result["trl_samples_per_s"] = result["trl"][best]["samples_per_s"]
+        result["trl_iteration_seconds"] = result["trl"][best]["iteration_seconds"]
+        for precision in precisions:  # and the fastest of each precision
+            result[f"trl_{precision}_samples_per_s"] = max(
+                t["samples_per_s"] for t in result["trl"].values() if t["precision"] == precision)
         for r in result.get("oirl", {}).values():
             r["ratio_vs_trl"] = r["samples_per_s"] / result["trl_samples_per_s"]
-        result["trl_iteration_seconds"] = result["trl"][best]["iteration_seconds"]
+            same = "bf16" if r["precision"] == "mixed_precision" else "fp32"
+            if f"trl_{same}_samples_per_s" in result:  # TRL in the same precision as this run
+                r["ratio_vs_trl_same_precision"] = r["samples_per_s"] / result[f"trl_{same}_samples_per_s"]
 
     if "oirl" in result:
         default = next(iter(result["oirl"].values()))
         result.update({
-            "algorithm": default["algorithm"], "oirl_samples_per_s": default["samples_per_s"],
+            "algorithm": default["algorithm"], "precision": default["precision"],
+            "oirl_samples_per_s": default["samples_per_s"],
             "iteration_seconds": default["iteration_seconds"], "sync_share": default["sync_share"],
             "phase_seconds": default["phase_seconds"], "iteration_over_floor": default["iteration_over_floor"],
             "phase_over_floor": default["phase_over_floor"],
@@ -424,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
             result["oirl_grpo_samples_per_s"] = result["oirl"]["grpo"]["samples_per_s"]
         if "trl_samples_per_s" in result:
             result["ratio_vs_trl"] = result["oirl_samples_per_s"] / result["trl_samples_per_s"]
+            for key in ("ratio_vs_trl_same_precision",):
+                if key in default:
+                    result[key] = default[key]
+            if "trl_fp32_samples_per_s" in result:
+                result["ratio_vs_trl_fp32"] = result["oirl_samples_per_s"] / result["trl_fp32_samples_per_s"]
             if "grpo" in result["oirl"]:
                 result["ratio_vs_trl_grpo"] = result["oirl_grpo_samples_per_s"] / result["trl_samples_per_s"]
     result["seconds_total"] = time.perf_counter() - t_start
@@ -431,8 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, out / "e2e.png")
     shutil.rmtree(out / "runs", ignore_errors=True)
     summary = {k: result[k] for k in ("oirl_samples_per_s", "oirl_grpo_samples_per_s", "trl_samples_per_s",
-                                      "ratio_vs_trl", "iteration_seconds", "trl_iteration_seconds", "floor_seconds",
-                                      "matmul_gflops") if k in result}
+                                      "ratio_vs_trl", "ratio_vs_trl_fp32", "iteration_seconds",
+                                      "trl_iteration_seconds", "floor_seconds", "matmul_gflops") if k in result}
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -2,6 +2,7 @@
 breakdown under benchmarks/results/ (demo.json + demo_curves.png).
 
     deploy/loopback.sh python benchmarks/run_demo.py [--out /tmp/oirl-demo] [overrides ...]
+    python benchmarks/run_demo.py --from-run DIR --wall-seconds S -- [the overrides DIR ran with]
 """
 
 from __future__ import annotations
@@ -19,24 +20,11 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="/tmp/oirl-demo", help="run directory (checkpoints are large: not in git)")
-    args, overrides = parser.parse_known_args()
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    t0 = time.time()
-    cmd = [sys.executable, "-m", "oirl.cli", "train", "--config", str(REPO / "configs" / "demo.yaml"),
-           "--out", str(out), "--no-progress", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO)
-    wall = time.time() - t0
-    if proc.returncode != 0:
-        print(f"demo run failed with exit code {proc.returncode}", file=sys.stderr)
-        return proc.returncode
+def summarize(out: Path, overrides: list[str], wall: float) -> dict:
+    """demo.json's content from a finished run directory of the default job."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     phases = sorted(k for k in rows[0] if k.startswith("timing_s/"))
-    summary = {
+    return {
         "config": "configs/demo.yaml",
         "overrides": overrides,
         "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
@@ -50,9 +38,39 @@ def main() -> int:
         "sync": {"bytes": rows[-1]["sync/bytes"],
                  "seconds_mean": sum(r["sync/seconds"] for r in rows) / len(rows),
                  "gbps_mean": sum(r["sync/gbps"] for r in rows) / len(rows),
-                 "logprob_max_abs_diff_max": max(r["sync/logprob_max_abs_diff"] for r in rows)},
+                 # the canary runs at the syncs sync.canary_every picks
+                 "canary_syncs": sum("sync/logprob_max_abs_diff" in r for r in rows),
+                 "logprob_max_abs_diff_max": max((r["sync/logprob_max_abs_diff"] for r in rows
+                                                  if "sync/logprob_max_abs_diff" in r), default=None)},
+        "on_policy_max_abs_diff_max": max(r["rollout/engine_learner_logprob_max_abs_diff"] for r in rows),
         "policy_versions": [[r["rollout/policy_version_min"], r["rollout/policy_version_max"]] for r in rows],
     }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="/tmp/oirl-demo", help="run directory (checkpoints are large: not in git)")
+    parser.add_argument("--from-run", metavar="DIR",
+                        help="summarize this finished run of the default job instead of running one (with --wall-seconds "
+                             "its wall time and the overrides it ran with after --)")
+    parser.add_argument("--wall-seconds", type=float, default=0.0)
+    args, overrides = parser.parse_known_args()
+    overrides = [o for o in overrides if o != "--"]
+    if args.from_run:
+        out, wall = Path(args.from_run), args.wall_seconds
+    else:
+        out = Path(args.out)
+        if out.exists():
+            shutil.rmtree(out)
+        t0 = time.time()
+        cmd = [sys.executable, "-m", "oirl.cli", "train", "--config", str(REPO / "configs" / "demo.yaml"),
+               "--out", str(out), "--no-progress", *overrides]
+        proc = subprocess.run(cmd, cwd=REPO)
+        wall = time.time() - t0
+        if proc.returncode != 0:
+            print(f"demo run failed with exit code {proc.returncode}", file=sys.stderr)
+            return proc.returncode
+    summary = summarize(out, overrides, wall)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.copy(out / "curves.png", RESULTS / "demo_curves.png")

@@ -241,10 +241,12 @@ class LearnerWorker(WeightPublisher):
                         m = d["resp_mask"][rows]
                         if self.fused:  # these weights are the ones the engine sampled with: the old logprobs
                             d["old_logprobs"][rows] = logp.detach()
-                            with torch.no_grad():
-                                ent_sum += ppo.masked_sum(ppo.entropy_from_logits(logits), m).item()
                         per_token, parts = algorithms.policy_token_loss(
                             cfg, logp, logits, values, {k: d[k][rows] for k in MB_KEYS if d.get(k) is not None})
+                        if self.fused:  # the entropy statistic, from the loss's own entropy when it has one
+                            with torch.no_grad():
+                                ent = parts["ent"] if cfg.entropy_coef else ppo.entropy_from_logits(logits)
+                                ent_sum += ppo.masked_sum(ent, m).item()
                         self.engine.backward(algorithms.aggregate(per_token, m, cfg.loss_aggregation,
                                                                   denominator=denominator,
                                                                   token_norm=float(max(cfg.max_new_tokens, 1))))
@@ -253,7 +255,7 @@ class LearnerWorker(WeightPublisher):
                             for k in keys:
                                 if k in parts and (k != "vl" or values is not None):
                                     local[k] += ppo.masked_sum(parts[k], m).item()
-                    if self.fused and epoch == 0:  # before the step: every token of every rank vs the engine's
+                    if self.fused:  # before the (only) step: every token of every rank vs the engine's
                         fused_stats = checks.on_policy_stats(d, self.check_mask, self.on_policy_tolerance,
                                                              self.device)
                     self.engine.step()
@@ -268,8 +270,9 @@ class LearnerWorker(WeightPublisher):
                 steps += 1
         stats = {f"learner/{k}": v / steps for k, v in totals.items()}
         if self.fused:
-            (ent_tot, n_tok_all) = self._allreduce([ent_sum, self.data["resp_mask"].sum().item()])
-            stats.update(fused_stats, **{"rollout/entropy": ent_tot / max(n_tok_all, 1.0)})
+            # fused: one mini-batch, so its global token count n_tok is the whole batch's
+            (ent_tot,) = self._allreduce([ent_sum])
+            stats.update(fused_stats, **{"rollout/entropy": ent_tot / max(n_tok, 1.0)})
         (stats["learner/peak_rss_mib"],) = self._allreduce([peak_rss_mib()], op="max")
         if self.critic is not None:
             stats["learner/critic_warmup"] = float(warmup)
