@@ -4,18 +4,19 @@ one run, against a compute floor measured in the same run.
     deploy/loopback.sh python -m benchmarks.e2e --out DIR [--quick] [--only oirl|trl] [--iterations N]
     (or: deploy/loopback.sh oirl bench e2e [--quick] --out DIR)
 
-Workload: the default job (configs/demo.yaml as it is when this runs: SmolLM2-135M fp32, 8 GSM8K prompts x 4
+Workload: the default job (configs/demo.yaml as it is when this runs: SmolLM2-135M, 8 GSM8K prompts x 4
 samples, 128 new tokens, its temperature, lr and KL) in benchmark mode: EOS is ignored, so every sample is exactly
 max_new_tokens long on both sides. `--quick`: the tiny model, 2 prompts x 2 samples, 16 tokens, 2 iterations.
 
-- oirl: the real `oirl train` CLI twice, with the default algorithm (PPO) and with GRPO (KL in the loss); seconds
-  per phase come from the run's metrics.jsonl (timing_s/*).
+- oirl: the real `oirl train` CLI: the default job as it is (PPO; mixed precision), GRPO in fp32 (KL in the loss,
+  one step per batch) and, without --quick, PPO in the other precision; seconds per phase come from the run's
+  metrics.jsonl (timing_s/*).
 - TRL: TRL's GRPOTrainer in its own virtual environment (benchmarks/trl_env.sh builds it once: the same torch CPU
   build and transformers as this environment), run by benchmarks/trl_runner.py on the same prompts (the ones the
   oirl run drew, in its order, chat-formatted by the same template: the runner checks the token ids), the same
   reward function, HF generate, one optimizer step per generation batch. Two layouts: one process with a thread
-  per core, and one process per core under torchrun (DDP over gloo), each with its share of the prompts.
-  TRL 1.16 has no PPO trainer; the JSON says so.
+  per core, and one process per core under torchrun (DDP over gloo), each with its share of the prompts; each in
+  fp32 and with bf16=True (TRL's mixed precision; --quick: fp32 only). TRL 1.16 has no PPO trainer; the JSON says so.
 - Floor: fp32 matmul GFLOP/s measured here with the model's linear-layer shapes, and the FLOPs one iteration must
   do over its real token counts (no padding): generation forward (each prompt prefilled once per group, then each
   sampled token), a reference forward and a policy forward + backward (3x a forward) over every sample's prompt +
@@ -24,8 +25,9 @@ max_new_tokens long on both sides. `--quick`: the tiny model, 2 prompts x 2 samp
 
 Medians over the iterations after the first. oirl's iteration time leaves out its checkpoint phase (the driver
 always saves the last iteration; TRL here saves nothing); that phase is reported on its own.
-DIR/e2e.json: oirl_samples_per_s, trl_samples_per_s (TRL's faster layout), ratio_vs_trl, algorithm, sync_share,
-floor_seconds, iteration_seconds, <phase>_seconds, and every run's details; DIR/e2e.png: seconds per phase.
+DIR/e2e.json: oirl_samples_per_s, trl_samples_per_s (TRL's fastest configuration of all measured), ratio_vs_trl,
+ratio_vs_trl_fp32, ratio_vs_trl_same_precision, algorithm, precision, sync_share, floor_seconds, iteration_seconds,
+<phase>_seconds, and every run's details; DIR/e2e.png: seconds per phase.
 """
 
 from __future__ import annotations
