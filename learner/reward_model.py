@@ -126,6 +126,7 @@ class RMWorker:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from learner.learner_worker import init_distributed
+        from learner.ranks import adamw
 
         self.device = init_distributed(self.rank, self.world, ip, port, self.cfg.num_gpus, self.cfg.timeout_s)
         torch.manual_seed(self.cfg.seed)
@@ -140,7 +141,7 @@ class RMWorker:
             "train_batch_size": micro * self.world,
             "zero_optimization": {"stage": self.cfg.zero_stage, "reduce_bucket_size": int(5e7),
                                   "allgather_bucket_size": int(5e7)},
-            "optimizer": {"type": "AdamW", "params": {"lr": self.cfg.lr, "torch_adam": True, "adam_w_mode": True}},
+            "optimizer": adamw(self.cfg.lr),
             "gradient_clipping": 1.0, "steps_per_print": 1 << 30,
         }
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)

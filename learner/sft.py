@@ -174,6 +174,7 @@ class SFTWorker:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from learner.learner_worker import init_distributed
+        from learner.ranks import adamw
 
         c = self.cfg
         self.device = init_distributed(self.rank, self.world, ip, port, c.num_gpus, c.timeout_s)
@@ -189,8 +190,7 @@ class SFTWorker:
             "train_batch_size": c.batch_size,
             "zero_optimization": {"stage": c.zero_stage, "reduce_bucket_size": int(5e7),
                                   "allgather_bucket_size": int(5e7)},
-            "optimizer": {"type": "AdamW", "params": {"lr": c.lr, "weight_decay": c.weight_decay,
-                                                      "torch_adam": True, "adam_w_mode": True}},
+            "optimizer": adamw(c.lr, c.weight_decay),
             "gradient_clipping": c.max_grad_norm, "bf16": {"enabled": c.dtype == "bfloat16"},
             "steps_per_print": 1 << 30,
         }
