@@ -62,16 +62,15 @@ TRL_LAYOUTS = {"one_process": 1, "ddp_two_processes": 2}
 TRL_PRECISIONS = ("fp32", "bf16")  # TrainingArguments(bf16=True): TRL's mixed precision
 
 
-def default_precision() -> str:
-    from oirl.config import load_config
-    return "mixed_precision" if load_config(str(DEMO), []).learner.update_autocast else "fp32"
+def precision_of(update_autocast: str) -> str:
+    return "mixed_precision" if update_autocast else "fp32"
 
 
-def oirl_runs(quick: bool) -> dict[str, list[str]]:
-    """The oirl configurations this benchmark runs, the default job first."""
+def oirl_runs(cfg: Any, quick: bool) -> dict[str, list[str]]:
+    """The oirl configurations this benchmark runs, the default job (``cfg``) first."""
     runs = {"default": [], "grpo": GRPO}
     if not quick:
-        other = next(p for p in PRECISION if p != default_precision())
+        other = next(p for p in PRECISION if p != precision_of(cfg.learner.update_autocast))
         runs[f"ppo_{other}"] = PRECISION[other]
     return runs
 
@@ -216,7 +215,7 @@ def run_oirl(name: str, overrides: list[str], out: Path, prompts: list[list[dict
     samples = rows[0]["rollout/samples"]
     iteration = warm(no_ckpt)
     return {
-        "algorithm": algorithm, "update_autocast": learner_cfg["update_autocast"], "overrides": overrides,
+        "algorithm": algorithm, "precision": precision_of(learner_cfg["update_autocast"]), "overrides": overrides,
         "wall_seconds": wall, "iterations": len(rows),
         "samples_per_iteration": samples, "samples_per_s": samples / iteration, "iteration_seconds": iteration,
         "iteration_seconds_with_checkpoint": warm(per_it["iteration"]),
@@ -405,9 +404,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.only != "trl":
         result["oirl"] = {}
-        for name, extra in oirl_runs(args.quick).items():
+        for name, extra in oirl_runs(cfg, args.quick).items():
             r = run_oirl(name, overrides + extra, out, prompts, response)
-            r["precision"] = "mixed_precision" if r.pop("update_autocast") else "fp32"
             r["iteration_over_floor"] = r["iteration_seconds"] / floor_seconds
             r["phase_over_floor"] = {p: r["phase_seconds"].get(p, 0.0) / floor[p] for p in floor}
             result["oirl"][r["algorithm"] if name == "default" else name] = r

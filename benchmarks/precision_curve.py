@@ -1,7 +1,7 @@
 """Does the mixed-precision update learn like the fp32 one? The default job (configs/demo.yaml) for N iterations,
 each precision setting x each seed, one run after the other, and the reward and KL curves side by side.
 
-    deploy/loopback.sh python benchmarks/precision_curve.py [--iterations 10] [--seeds 0 1] [--out /tmp/oirl-curve]
+    deploy/loopback.sh python -m benchmarks.precision_curve [--iterations 10] [--seeds 0 1] [--out /tmp/oirl-curve]
 
 Writes benchmarks/results/precision_curve.json (+ .png). The comparison it reports:
 - iteration 1 of a seed is the same rollout in every setting (same initial weights, same sampling seed), so its
@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.e2e import PRECISION
+from oirl.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-SETTINGS: dict[str, list[str]] = {
-    "fp32": ["learner.update_autocast=", "learner.ref_dtype="],
-    "mixed": ["learner.update_autocast=bfloat16", "learner.ref_dtype=bfloat16"],
-}
+SETTINGS: dict[str, list[str]] = {"fp32": PRECISION["fp32"], "mixed": PRECISION["mixed_precision"]}
 
 
 def run(name: str, seed: int, iterations: int, extra: list[str], out: Path) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def run(name: str, seed: int, iterations: int, extra: list[str], out: Path) -> d
     wall = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{name} seed {seed} failed with exit code {proc.returncode}; its log is in {run_dir}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     return {
         "setting": name, "seed": seed, "overrides": overrides, "run_dir": str(run_dir), "wall_seconds": wall,
         "reward_mean_per_iteration": [r["reward/mean"] for r in rows],
