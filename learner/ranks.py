@@ -63,12 +63,13 @@ def adamw(lr: float, weight_decay: float = 0.0) -> dict:
 
 
 def deepspeed_config(micro_batch: int, world: int, zero_stage: int, lr: float, weight_decay: float,
-                     max_grad_norm: float, bf16: bool) -> dict:
-    """The DeepSpeed config of one trained model (the policy, or the separate critic with its own lr)."""
+                     max_grad_norm: float, bf16: bool, grad_accum: int = 1) -> dict:
+    """The DeepSpeed config of one trained model: the policy, the separate critic (its own lr), the SFT model and the
+    reward model. One place for the ZeRO and optimizer settings every learner shares."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro_batch * world,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * world * grad_accum,
         # DeepSpeed's default 5e8-element communication buckets cost ~4 GB per rank; 5e7 is plenty here.
         "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": int(5e7),
                               "allgather_bucket_size": int(5e7)},

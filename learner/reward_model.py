@@ -126,7 +126,7 @@ class RMWorker:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from learner.learner_worker import init_distributed
-        from learner.ranks import adamw
+        from learner.ranks import deepspeed_config
 
         self.device = init_distributed(self.rank, self.world, ip, port, self.cfg.num_gpus, self.cfg.timeout_s)
         torch.manual_seed(self.cfg.seed)
@@ -136,14 +136,8 @@ class RMWorker:
         model = AutoModelForSequenceClassification.from_pretrained(self.backbone, num_labels=1, dtype=torch.float32)
         model.config.pad_token_id = self.tokenizer.pad_token_id
         micro = self.cfg.batch_size // self.world
-        ds_config = {
-            "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-            "train_batch_size": micro * self.world,
-            "zero_optimization": {"stage": self.cfg.zero_stage, "reduce_bucket_size": int(5e7),
-                                  "allgather_bucket_size": int(5e7)},
-            "optimizer": adamw(self.cfg.lr),
-            "gradient_clipping": 1.0, "steps_per_print": 1 << 30,
-        }
+        ds_config = deepspeed_config(micro, self.world, self.cfg.zero_stage, self.cfg.lr, weight_decay=0.0,
+                                     max_grad_norm=1.0, bf16=False)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
     def _rewards(self, prompts: list[str], responses: list[str]) -> Any:

@@ -174,7 +174,7 @@ class SFTWorker:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from learner.learner_worker import init_distributed
-        from learner.ranks import adamw
+        from learner.ranks import deepspeed_config
 
         c = self.cfg
         self.device = init_distributed(self.rank, self.world, ip, port, c.num_gpus, c.timeout_s)
@@ -185,15 +185,8 @@ class SFTWorker:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, c.dtype))
         model.config.use_cache = False
         gas = c.batch_size // (self.world * c.micro_batch_size)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": c.micro_batch_size, "gradient_accumulation_steps": gas,
-            "train_batch_size": c.batch_size,
-            "zero_optimization": {"stage": c.zero_stage, "reduce_bucket_size": int(5e7),
-                                  "allgather_bucket_size": int(5e7)},
-            "optimizer": adamw(c.lr, c.weight_decay),
-            "gradient_clipping": c.max_grad_norm, "bf16": {"enabled": c.dtype == "bfloat16"},
-            "steps_per_print": 1 << 30,
-        }
+        ds_config = deepspeed_config(c.micro_batch_size, self.world, c.zero_stage, c.lr, c.weight_decay,
+                                     c.max_grad_norm, bf16=c.dtype == "bfloat16", grad_accum=gas)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
     def _allreduce(self, values: list[float]) -> list[float]:
