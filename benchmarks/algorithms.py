@@ -13,10 +13,10 @@
 
 Writes benchmarks/results/algorithms.json and algorithms.png.
 
-    deploy/loopback.sh python benchmarks/algorithms.py [--seeds 0 1 2] [--iterations 12] [--variants ...]
+    deploy/loopback.sh python -m benchmarks.algorithms [--seeds 0 1 2] [--iterations 12] [--variants ...]
         [--cost-variants ...]   # --variants / --cost-variants with no names skip that part; results of variants
                                 # not run are kept from the existing JSON (each records its seeds and run)
-    python benchmarks/algorithms.py --replot   # savings and PNG again from the JSON
+    python -m benchmarks.algorithms --replot   # savings and PNG again from the JSON
 
 GSM8K with SmolLM2-135M (held-out accuracy before/after) is not part of this script yet.
 """
@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from oirl.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -65,7 +67,7 @@ def run(variant: str, seed: int, iterations: int, out: Path) -> list[dict]:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} seed {seed} failed:\n{proc.stderr[-4000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return read_metrics(out / "metrics.jsonl")
 
 
 def sem(xs: list[float]) -> float:
@@ -103,7 +105,6 @@ def synthetic(variants: list[str], seeds: list[int], iterations: int) -> dict[st
 
 def cost_worker(variant: str, out: str) -> None:
     """One variant of part 2, in this process: a world-size-1 rank, two iterations, the numbers to ``out``."""
-    sys.path.insert(0, str(REPO))
     import numpy as np
 
     from learner.learner_worker import LearnerConfig, LearnerWorker
@@ -143,8 +144,8 @@ def critic_cost(variants: list[str]) -> dict[str, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             out = Path(tmp) / f"{variant}.json"
-            proc = subprocess.run([sys.executable, __file__, "--cost-worker", variant, str(out)], cwd=REPO,
-                                  capture_output=True, text=True, timeout=1800)
+            cmd = [sys.executable, "-m", "benchmarks.algorithms", "--cost-worker", variant, str(out)]
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
             if proc.returncode != 0:
                 raise RuntimeError(f"critic cost {variant} failed:\n{proc.stderr[-4000:]}")
             r = results[variant] = json.loads(out.read_text())

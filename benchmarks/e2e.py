@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from oirl.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "demo.yaml"
 BENCH_MODE = ["rollout.ignore_eos=true"]  # every sample runs to max_new_tokens: equal work on both sides
@@ -198,7 +200,7 @@ def run_oirl(name: str, overrides: list[str], out: Path, prompts: list[list[dict
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"oirl train ({name}) failed with exit code {proc.returncode}; its log is above")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     shutil.copy(run_dir / "metrics.jsonl", out / f"oirl_{name}_metrics.jsonl")
     shutil.copy(run_dir / "config.json", out / f"oirl_{name}_config.json")
     learner_cfg = json.loads((run_dir / "config.json").read_text())["learner"]

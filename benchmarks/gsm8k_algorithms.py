@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.gsm8k_eval import heldout_overrides
+from oirl.metrics import read_metrics
 
 VARIANTS: dict[str, list[str]] = {
     "ppo": ["learner.algorithm=ppo"],
@@ -42,7 +43,7 @@ def run_eval(model: str, out_file: Path, n: int, max_new_tokens: int) -> dict[st
 
 
 def summarise_run(run_dir: Path) -> dict[str, Any]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     phases = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("timing_s/")})
     peaks = {k: max(r[k] for r in rows if k in r) for k in {k for r in rows for k in r if "peak" in k}}
     return {

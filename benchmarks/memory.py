@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from oirl.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -76,7 +78,7 @@ def run_job(config: str, overrides: list[str], run_dir: Path, timeout_s: float) 
         sampler.join(timeout=10)
     if rc != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {rc}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     return rows, peaks
 
 

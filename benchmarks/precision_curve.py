@@ -2,12 +2,15 @@
 each precision setting x each seed, one run after the other, and the reward and KL curves side by side.
 
     deploy/loopback.sh python -m benchmarks.precision_curve [--iterations 10] [--seeds 0 1] [--out /tmp/oirl-curve]
+    deploy/loopback.sh python -m benchmarks.precision_curve --seeds 2 3 --add-to benchmarks/results/precision_curve.json
 
 Writes benchmarks/results/precision_curve.json (+ .png). The comparison it reports:
 - iteration 1 of a seed is the same rollout in every setting (same initial weights, same sampling seed), so its
   rewards must match exactly: this is what makes the later iterations a paired comparison;
 - the mean reward of iterations 2..N per run, the difference between settings under the same seed, and the
   difference between seeds under the same setting (the run-to-run noise the first must be compared with);
+- with more than one seed: the paired difference's mean over seeds, its standard error and a paired t (the seeds
+  are the independent units), and the seed-to-seed spread of each setting;
 - a Welch t statistic over the per-iteration reward means (iterations 2..N, all seeds) of each setting;
 - KL to the reference per iteration (mixed precision that drifted would show here first) and seconds per iteration.
 """
@@ -70,18 +73,31 @@ def welch_t(a: list[float], b: list[float]) -> float:
 def compare(runs: list[dict[str, Any]], names: list[str], seeds: list[int]) -> dict[str, Any]:
     by = {(r["setting"], r["seed"]): r for r in runs}
     late = {k: statistics.fmean(r["reward_mean_per_iteration"][1:]) for k, r in by.items()}
+    diffs = [late[(names[1], s)] - late[(names[0], s)] for s in seeds]
     out: dict[str, Any] = {
         "first_iteration_rewards_equal": {
             str(s): len({by[(n, s)]["reward_mean_per_iteration"][0] for n in names}) == 1 for s in seeds},
         "reward_mean_after_first": {f"{n}-s{s}": late[(n, s)] for n in names for s in seeds},
-        "setting_difference_same_seed": {str(s): late[(names[1], s)] - late[(names[0], s)] for s in seeds},
+        "setting_difference_same_seed": {str(s): d for s, d in zip(seeds, diffs)},
         "kl_mean_last": {f"{n}-s{s}": by[(n, s)]["kl_mean_per_iteration"][-1] for n in names for s in seeds},
         "iteration_seconds_median_after_first": {
             n: statistics.median(x for s in seeds for x in by[(n, s)]["iteration_seconds_per_iteration"][1:])
             for n in names},
     }
     if len(seeds) > 1:
-        out["seed_difference_same_setting"] = {n: late[(n, seeds[1])] - late[(n, seeds[0])] for n in names}
+        # seeds are the independent units: a run's iterations share its weights, so only the per-seed numbers are
+        # independent draws. The paired difference (same seed, both settings) is set against the seed-to-seed
+        # spread of one setting, which is the noise any real difference must exceed.
+        out["seed_spread_same_setting"] = {n: statistics.stdev(late[(n, s)] for s in seeds) for n in names}
+        mean_d, sd_d = statistics.fmean(diffs), statistics.stdev(diffs)
+        out["setting_difference_mean"] = mean_d
+        out["setting_difference_stderr"] = sd_d / math.sqrt(len(diffs))
+        out["paired_t"] = mean_d / (sd_d / math.sqrt(len(diffs))) if sd_d > 0 else math.copysign(math.inf, mean_d)
+        out["paired_t_dof"] = len(diffs) - 1
+        out["paired_t_note"] = (f"{names[1]} minus {names[0]}, one difference per seed (mean reward of iterations "
+                                f"2..N); two-sided 5% critical value for {len(diffs) - 1} degrees of freedom: "
+                                f"{T_CRIT_95.get(len(diffs) - 1, 2.0):.2f}")
+        out["sign_of_differences"] = {"negative": sum(d < 0 for d in diffs), "positive": sum(d > 0 for d in diffs)}
     pooled = {n: [x for s in seeds for x in by[(n, s)]["reward_mean_per_iteration"][1:]] for n in names}
     if all(len(v) > 1 for v in pooled.values()):
         out["welch_t_iteration_means"] = welch_t(pooled[names[1]], pooled[names[0]])
@@ -91,6 +107,10 @@ def compare(runs: list[dict[str, Any]], names: list[str], seeds: list[int]) -> d
     return out
 
 
+# two-sided 95% critical values of Student's t (from the table), by degrees of freedom
+T_CRIT_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -98,7 +118,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = {"fp32": "tab:blue", "mixed": "tab:orange"}
     for r in result["runs"]:
-        style = "-" if r["seed"] == result["seeds"][0] else "--"
+        style = ["-", "--", ":", "-."][result["seeds"].index(r["seed"]) % 4]
         its = range(1, len(r["reward_mean_per_iteration"]) + 1)
         label = f"{r['setting']} seed {r['seed']}"
         axes[0].plot(its, r["reward_mean_per_iteration"], style, color=colors.get(r["setting"]), label=label)
@@ -118,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--out", default="/tmp/oirl-curve", help="run directories (large: not in git)")
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--add-to", default=None, metavar="JSON",
+                        help="an earlier precision_curve.json: its runs are kept and these seeds are added to them "
+                             "(same iterations and settings required), so a study grows one seed at a time")
     args, extra = parser.parse_known_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,17 +148,32 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
+    seconds_before = 0.0
+    if args.add_to:
+        earlier = json.loads(Path(args.add_to).read_text())
+        if earlier["iterations"] != args.iterations or sorted(earlier["settings"]) != sorted(args.settings) \
+                or earlier["extra_overrides"] != extra:
+            raise SystemExit(f"--add-to {args.add_to}: it ran {earlier['iterations']} iterations of "
+                             f"{sorted(earlier['settings'])} with extra overrides {earlier['extra_overrides']}; "
+                             f"this study asks for {args.iterations} of {sorted(args.settings)} with {extra}. "
+                             "Match them, or start a new study without --add-to")
+        if set(earlier["seeds"]) & set(args.seeds):
+            raise SystemExit(f"--add-to {args.add_to}: seeds {sorted(set(earlier['seeds']) & set(args.seeds))} "
+                             "are already in it; pass only new seeds")
+        runs = list(earlier["runs"])
+        seconds_before = earlier["seconds_total"]
+    seeds = [*sorted({r["seed"] for r in runs}), *args.seeds]
     for seed in args.seeds:
         for name in args.settings:
             runs.append(run(name, seed, args.iterations, extra, out))
             # after every run, so a stopped study keeps what it measured
             (out / "runs.json").write_text(json.dumps(runs, indent=2) + "\n")
     result = {
-        "config": "configs/demo.yaml", "iterations": args.iterations, "seeds": args.seeds,
+        "config": "configs/demo.yaml", "iterations": args.iterations, "seeds": seeds,
         "settings": {n: SETTINGS[n] for n in args.settings}, "extra_overrides": extra,
         "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
-        "runs": runs, "comparison": compare(runs, args.settings, args.seeds) if len(args.settings) == 2 else {},
-        "seconds_total": time.time() - t0,
+        "runs": runs, "comparison": compare(runs, args.settings, seeds) if len(args.settings) == 2 else {},
+        "seconds_total": seconds_before + time.time() - t0,
     }
     (results / "precision_curve.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, results / "precision_curve.png")

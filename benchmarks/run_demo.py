@@ -1,8 +1,8 @@
 """Run the default job (configs/demo.yaml: SmolLM2-135M on GSM8K) and record its reward curve and per-phase time
 breakdown under benchmarks/results/ (demo.json + demo_curves.png).
 
-    deploy/loopback.sh python benchmarks/run_demo.py [--out /tmp/oirl-demo] [overrides ...]
-    python benchmarks/run_demo.py --from-run DIR --wall-seconds S -- [the overrides DIR ran with]
+    deploy/loopback.sh python -m benchmarks.run_demo [--out /tmp/oirl-demo] [overrides ...]
+    python -m benchmarks.run_demo --from-run DIR --wall-seconds S -- [the overrides DIR ran with]
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ import sys
 import time
 from pathlib import Path
 
+from oirl.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
 
 def summarize(out: Path, overrides: list[str], wall: float) -> dict:
     """demo.json's content from a finished run directory of the default job."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(out / "metrics.jsonl")
     phases = sorted(k for k in rows[0] if k.startswith("timing_s/"))
     return {
         "config": "configs/demo.yaml",

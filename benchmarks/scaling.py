@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cost_model as cm
+from oirl.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -111,7 +112,7 @@ def run_point(config: Path, engines: int, ranks: int, iterations: int, extra: li
         proc = subprocess.run(cmd, cwd=REPO, timeout=timeout_s)
         if proc.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}")
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_metrics(run_dir / "metrics.jsonl")
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     warm = rows[1:] or rows
