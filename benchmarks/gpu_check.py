@@ -432,7 +432,7 @@ def _run_model(spec: dict[str, Any], result: dict[str, Any], save: Callable[[], 
                     v, transport="shm", bucket_mb=spec["bucket_mb"], shm_dir=export_dir), into)
             result.update(export_bytes=update.nbytes, export_buckets=len(update.buckets),
                           export_fingerprint=update.fingerprint, export_pack_s=update.pack_seconds)
-            worker.release_weights(it + 1)
+            worker.release_weights(it + 1, reuse=True)  # as a sync that every engine loaded
     finally:
         worker.close_shm()
 

@@ -120,7 +120,7 @@ def bench_model(name: str, rounds: int, bucket_mb: int, timeout_s: float) -> lis
                 if transport != "collective":  # the floor: the same update's tensors, already in the worker
                     update = learner.call_rank0("export_weights", version, transport, bucket_mb)
                     floor_reload.append(ray.get(engine.reload_floor.remote(update, timeout_s), timeout=timeout_s))
-                    learner.call("release_weights", version)
+                    learner.call("release_weights", version, cfg.shm_reuse)  # loaded: kept, as sync_weights does
         nbytes = int(measured["shm"][0]["sync/bytes"])
         memcpy = memcpy_seconds(nbytes)
         floor = memcpy + min(floor_reload)  # a floor: the best resident reload seen (the first ones run cold)

@@ -4,7 +4,7 @@ Public methods (every rank is called; rank 0 does the work and returns the resul
     export_weights(version, transport, bucket_mb) -> WeightUpdate | None   # buckets + fingerprint (ZeRO-3 gathers)
     join_weight_group(ip, port, world, timeout_s)                          # collective transport: host the group
     broadcast_weights(version, timeout_s)                                  # collective transport: send the buckets
-    release_weights(version | None) / close_shm()                          # /dev/shm hygiene
+    release_weights(version | None, reuse) / close_shm()                   # /dev/shm hygiene (+ file reuse)
     logprobs(token_ids, prompt_lens) -> list[np.ndarray] | None            # the post-sync canary's learner side
     full_state() -> dict[str, np.ndarray] | None                           # every trainable parameter (tests)
     save_hf(dir)                                                           # the final policy as an HF folder
@@ -13,7 +13,14 @@ Public methods (every rank is called; rank 0 does the work and returns the resul
 Only the policy is published: PPO's separate critic (learner/critic.py) never reaches the engines.
 
 Expects from the worker: rank, cfg, module (the policy), engine (DeepSpeed), device, run_id, pad_id, model_path,
-shm_dir, shm_lock, shm_files, weight_group, collective_buffers.
+shm_dir, shm_lock, shm_files, shm_free, weight_group, collective_buffers.
+
+/dev/shm file reuse: writing a bucket into a new tmpfs file costs a page fault (allocate and zero a page) per 4 KiB,
+which made packing 10x a memcpy (0.34 s against 0.025 s for SmolLM2-135M's 538 MB). So a version's files, once every
+engine has loaded them, are not deleted but kept with their mapping (``shm_free``, by size) and the next version's
+buckets are written into them: renamed to the new version's path, the pages already there and mapped. Only after a
+successful load: after a failed one an engine may still be reading, and such files are deleted as before (a
+reader keeps an unlinked file's pages, so nothing changes under it).
 """
 
 from __future__ import annotations
@@ -69,8 +76,7 @@ class WeightPublisher:
                     path = shm_bucket_path(shm_dir, self.run_id, version, i)
                     files.append(path)
                     self.shm_files[version] = files  # before writing: a failure below still releases it
-                    bucket, buf = pack_bucket(group, lambda n, p=path: np.memmap(p, dtype=np.uint8, mode="w+",
-                                                                                  shape=(max(n, 1),))[:n])
+                    bucket, buf = pack_bucket(group, lambda n, p=path: self._shm_buffer(p, n))
                     bucket.location = path
                 else:
                     bucket, buf = pack_bucket(group, lambda n: np.empty(n, dtype=np.uint8))
@@ -91,6 +97,28 @@ class WeightPublisher:
             update = WeightUpdate(version, transport, buckets, fp, sum(b.nbytes for b in buckets))
             update.pack_seconds = time.perf_counter() - t0
             return update
+
+    def _shm_buffer(self, path: str, nbytes: int) -> np.ndarray:
+        """A writable mapping of ``path`` of ``nbytes``: a released file of that size renamed to ``path`` (pages
+        present, mapping kept), else a new file."""
+        size = max(nbytes, 1)
+        mapping = None
+        for kept_size, kept in self.shm_free.items():  # ``path`` itself kept (the same version exported again)
+            for j, (old, m) in enumerate(kept):
+                if old == path:
+                    del kept[j]
+                    if kept_size == size:
+                        mapping = m
+                    else:
+                        os.unlink(old)
+                    break
+        if mapping is None and self.shm_free.get(size):
+            old, mapping = self.shm_free[size].pop()
+            os.rename(old, path)
+        if mapping is None:
+            mapping = np.memmap(path, dtype=np.uint8, mode="w+", shape=(size,))
+        self.shm_maps[path] = mapping
+        return mapping[:nbytes]
 
     def join_weight_group(self, master_ip: str, master_port: int, world: int, timeout_s: float) -> None:
         """Rank 0 hosts the collective transport's group (its ranks 1.. are the engines' workers); others no-op."""
@@ -114,14 +142,28 @@ class WeightPublisher:
             t = torch.from_numpy(buf)
             broadcast_bucket(self.weight_group[0], t.to(self.device) if self.device.type == "cuda" else t, timeout_s)
 
-    def release_weights(self, version: int | None = None) -> None:
-        """Delete the /dev/shm files of a version once every engine has loaded it (None: of every version)."""
+    def release_weights(self, version: int | None = None, reuse: bool = False) -> None:
+        """A version's /dev/shm files are not needed any more (None: every version's). ``reuse``: every engine has
+        loaded it, so keep the files and their mappings for the next version's buckets; else delete them, and with
+        ``version=None`` the kept ones too."""
         for v in list(self.shm_files) if version is None else [version]:
             for path in self.shm_files.pop(v, []):
+                mapping = self.shm_maps.pop(path, None)
+                if reuse and mapping is not None and os.path.exists(path):
+                    self.shm_free.setdefault(mapping.size, []).append((path, mapping))
+                    continue
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
+        if version is None:
+            for kept in self.shm_free.values():
+                for path, _ in kept:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+            self.shm_free.clear()
 
     def close_shm(self) -> None:
         """Delete every /dev/shm file of this run, its lock included (end of the run, or after a failure)."""

@@ -243,7 +243,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         if pool is not None:
             pool.shutdown()
         if learner is not None:
-            try:  # a failed sync must not leave a model copy in /dev/shm
+            try:  # neither the copy kept for the next sync nor a failed sync's files may outlive the run
                 learner.close_shm()
             except Exception:
                 logger.warning("could not release the learner's /dev/shm files", exc_info=True)

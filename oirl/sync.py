@@ -114,6 +114,7 @@ def sync_weights(learner: Any, engines: list[Any], version: int, cfg: Any, trans
     t0 = time.perf_counter()
     update = learner.call_rank0("export_weights", version, transport, cfg.bucket_mb)
     t_export = time.perf_counter()
+    loaded = False
     try:
         expected_bytes = check_against_checkpoint(update, expected)
         if iteration is not None:
@@ -125,11 +126,12 @@ def sync_weights(learner: Any, engines: list[Any], version: int, cfg: Any, trans
             refs, names = refs + bcast, names + [f"learner rank {r}" for r in range(len(bcast))]
         loads = _wait(refs, cfg.timeout_s, f"loading version {version}", names)[: len(engines)]
         t_load = time.perf_counter()
+        loaded = True
         served = _wait([e.served.remote() for e in engines], cfg.timeout_s, "served-version check")
     finally:
-        if transport == "shm":  # loaded or failed, the files of this version are not needed any more
-            try:
-                learner.call("release_weights", version)
+        if transport == "shm":  # loaded or failed, the files of this version are not needed any more; once every
+            try:                # engine has loaded them, the next version is written into them (see weight_export)
+                learner.call("release_weights", version, loaded and cfg.shm_reuse)
             except Exception:  # a dead learner is the error to report, not this
                 logger.warning("could not release the /dev/shm files of version %d", version, exc_info=True)
     for report in served:
