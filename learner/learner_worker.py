@@ -286,9 +286,14 @@ class LearnerWorker(WeightPublisher):
         """Write this rank's part of checkpoint ``tag`` (the policy, and the separate critic under tag/critic).
         DeepSpeed's own 'latest' pointer is not written: the driver commits a checkpoint (oirl/checkpoint.py)
         only after every rank returned from here."""
-        self.engine.save_checkpoint(directory, tag=tag, save_latest=False)
-        if self.critic is not None:
-            self.critic.save(directory, tag)
+        from oirl.checkpoint import save_failure
+
+        try:
+            self.engine.save_checkpoint(directory, tag=tag, save_latest=False)
+            if self.critic is not None:
+                self.critic.save(directory, tag)
+        except (OSError, RuntimeError) as e:
+            raise OSError(f"learner rank {self.rank}: {save_failure(directory, tag, e)}") from e
 
     def load_checkpoint(self, directory: str, tag: str) -> None:
         path, _ = self.engine.load_checkpoint(directory, tag=tag)

@@ -35,6 +35,22 @@ def commit(ckpt_dir: Path, tag: str, state: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def save_failure(directory: str | Path, tag: str, error: BaseException) -> str:
+    """What a failed checkpoint write says: where, what was raised, and the space left there (a full disk is the
+    usual cause, and DeepSpeed reports it only as a stream or zip-container error)."""
+    where = Path(directory)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        usage = shutil.disk_usage(where)
+        space = f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.0f} GiB on the filesystem of {where}"
+        if usage.free < 2**30:
+            space += ": it is full; free space there, lower checkpoint_keep, or point --out at a larger volume"
+    except OSError as e:
+        space = f"free space unknown ({e})"
+    return f"writing checkpoint {tag} under {directory} failed ({type(error).__name__}: {error}); {space}"
+
+
 def read_commit(ckpt_dir: Path) -> dict[str, Any] | None:
     path = ckpt_dir / COMMIT
     if not path.is_file():

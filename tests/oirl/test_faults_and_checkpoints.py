@@ -104,3 +104,43 @@ def test_stale_shm_files_of_dead_runs_go_live_ones_stay(tmp_path):
     time.sleep(0.1)
     clean_stale_shm(str(tmp_path))  # the live one is dead now: everything goes
     assert not list(tmp_path.iterdir())
+
+
+FULL_DISK_SAVE = """
+import sys, types, torch
+from learner.learner_worker import LearnerWorker
+
+def deepspeed_like_save(directory, tag, save_latest):  # what DeepSpeed's checkpoint engine does: torch.save
+    import os
+    os.makedirs(f"{directory}/{tag}", exist_ok=True)
+    torch.save({"module": torch.zeros(1_000_000)}, f"{directory}/{tag}/mp_rank_00_model_states.pt")
+
+worker = types.SimpleNamespace(rank=1, critic=None, engine=types.SimpleNamespace(save_checkpoint=deepspeed_like_save))
+try:
+    LearnerWorker.save_checkpoint(worker, sys.argv[1], "iter_000005")
+except OSError as e:
+    print(e)
+"""
+
+
+def test_a_checkpoint_write_on_a_full_disk_names_the_directory_and_the_space(tmp_path):
+    """A 1 MiB tmpfs (private mount namespace) and a 4 MB save: torch.save's own error is a zip-container position
+    mismatch; the learner's error says which rank, which checkpoint and directory, and that the filesystem is full."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.decode().strip()}")
+    script = f"mount -t tmpfs -o size=1m tmpfs {mnt} && exec {sys.executable} -c \"$0\" {mnt}/checkpoints"
+    proc = subprocess.run(["unshare", "--mount", "bash", "-c", script, FULL_DISK_SAVE], capture_output=True,
+                          text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    msg = proc.stdout
+    assert f"learner rank 1: writing checkpoint iter_000005 under {mnt}/checkpoints failed" in msg, msg
+    assert "GiB free of 0 GiB" in msg and "it is full" in msg and "checkpoint_keep" in msg, msg
+
+
+def test_save_failure_reports_the_space_of_the_nearest_existing_directory(tmp_path):
+    msg = checkpoint.save_failure(tmp_path / "not" / "yet", "iter_1", OSError(28, "No space left on device"))
+    assert f"under {tmp_path}/not/yet failed (OSError: [Errno 28] No space left on device)" in msg
+    assert f"on the filesystem of {tmp_path}" in msg
