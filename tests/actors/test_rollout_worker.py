@@ -142,8 +142,8 @@ def test_bucket_corrupted_after_the_actor_before_the_worker_fails_the_sync(setup
     ray.get(engine.corrupt_next_load.remote(), timeout=60)
     with pytest.raises(SyncError, match="engine 0.*corrupted on the way"):
         sync_weights(learner, [engine], version, SyncConfig(bucket_mb=1), transport, canary=None)
-    # A failed load's files are deleted, never written again for the next version: an engine may still read them.
-    assert not shm_buckets()
+    if transport == "shm":  # a failed load's files are deleted, never rewritten for the next version: an engine
+        assert not shm_buckets()  # may still be reading them
     # Nothing sticks: the next sync of the same weights verifies.
     stats = sync_weights(learner, [engine], version + 1, SyncConfig(bucket_mb=1), transport, canary=None)
     assert stats["sync/num_buckets"] >= 1
