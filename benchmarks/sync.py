@@ -1,6 +1,6 @@
 """Weight-sync benchmark: every transport against its floor and a per-parameter baseline, for several model sizes.
 
-    deploy/loopback.sh python -m benchmarks.sync --out DIR [--quick] [--rounds 3]
+    deploy/loopback.sh python -m benchmarks.sync --out DIR [--quick] [--rounds 5]
 
 For each model (the tests' tiny Llama, SmolLM2-135M, and a random ~411M-parameter Llama with SmolLM2's tokenizer;
 `--quick`: tiny only) one learner rank (DeepSpeed ZeRO-2) and one vLLM engine start, then, in the same run:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="tiny model, one round (a minute)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", default="tiny,smollm2-135m,llama-411m")
     parser.add_argument("--bucket-mb", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds any one remote call may take")
