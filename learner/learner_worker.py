@@ -56,7 +56,7 @@ class LearnerWorker(WeightPublisher):
         self.critic: Any = None  # learner/critic.py's Critic when learner.critic=separate (PPO)
         self.shm_files: dict[int, list[str]] = {}
         self.shm_maps: dict[str, np.memmap] = {}  # each live bucket file's writable mapping
-        self.shm_free: dict[int, list[tuple[str, np.memmap]]] = {}  # released files kept for reuse, by size
+        self.shm_free: dict[tuple[str, int], list[tuple[str, np.memmap]]] = {}  # kept for reuse: (dir, size)
         self.shm_dir = "/dev/shm"
         self.shm_lock: int | None = None
         self.weight_group: Any = None  # (process group, store) of the collective transport, rank 0 only

@@ -13,13 +13,13 @@ Public methods (every rank is called; rank 0 does the work and returns the resul
 Only the policy is published: PPO's separate critic (learner/critic.py) never reaches the engines.
 
 Expects from the worker: rank, cfg, module (the policy), engine (DeepSpeed), device, run_id, pad_id, model_path,
-shm_dir, shm_lock, shm_files, shm_free, weight_group, collective_buffers.
+shm_dir, shm_lock, shm_files, shm_maps, shm_free, weight_group, collective_buffers.
 
 /dev/shm file reuse: writing a bucket into a new tmpfs file costs a page fault (allocate and zero a page) per 4 KiB,
 which made packing 10x a memcpy (0.34 s against 0.025 s for SmolLM2-135M's 538 MB). So a version's files, once every
-engine has loaded them, are not deleted but kept with their mapping (``shm_free``, by size) and the next version's
-buckets are written into them: renamed to the new version's path, the pages already there and mapped. Only after a
-successful load: after a failed one an engine may still be reading, and such files are deleted as before (a
+engine has loaded them, are not deleted but kept with their mapping (``shm_free``, by directory and size) and the next
+version's buckets are written into them: renamed to the new version's path, the pages already there and mapped. Only
+after a successful load: after a failed one an engine may still be reading, and such files are deleted as before (a
 reader keeps an unlinked file's pages, so nothing changes under it).
 """
 
@@ -99,22 +99,27 @@ class WeightPublisher:
             return update
 
     def _shm_buffer(self, path: str, nbytes: int) -> np.ndarray:
-        """A writable mapping of ``path`` of ``nbytes``: a released file of that size renamed to ``path`` (pages
-        present, mapping kept), else a new file."""
+        """A writable mapping of ``path`` of ``nbytes``: a released file of that size in the same directory renamed
+        to ``path`` (pages present, mapping kept), else a new file."""
         size = max(nbytes, 1)
         mapping = None
-        for kept_size, kept in self.shm_free.items():  # ``path`` itself kept (the same version exported again)
+        for kept in self.shm_free.values():  # ``path`` itself kept (the same version exported again)
             for j, (old, m) in enumerate(kept):
                 if old == path:
                     del kept[j]
-                    if kept_size == size:
+                    if m.size == size and os.path.exists(path):
                         mapping = m
                     else:
-                        os.unlink(old)
+                        _remove(path)
                     break
-        if mapping is None and self.shm_free.get(size):
-            old, mapping = self.shm_free[size].pop()
-            os.rename(old, path)
+        free = self.shm_free.get((os.path.dirname(path), size), [])
+        while mapping is None and free:
+            old, m = free.pop()
+            try:
+                os.rename(old, path)
+                mapping = m
+            except FileNotFoundError:  # removed under us (someone cleaned /dev/shm): try the next, or a new file
+                continue
         if mapping is None:
             mapping = np.memmap(path, dtype=np.uint8, mode="w+", shape=(size,))
         self.shm_maps[path] = mapping
@@ -150,19 +155,13 @@ class WeightPublisher:
             for path in self.shm_files.pop(v, []):
                 mapping = self.shm_maps.pop(path, None)
                 if reuse and mapping is not None and os.path.exists(path):
-                    self.shm_free.setdefault(mapping.size, []).append((path, mapping))
-                    continue
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        if version is None:
+                    self.shm_free.setdefault((os.path.dirname(path), mapping.size), []).append((path, mapping))
+                else:
+                    _remove(path)
+        if version is None and not reuse:
             for kept in self.shm_free.values():
                 for path, _ in kept:
-                    try:
-                        os.unlink(path)
-                    except FileNotFoundError:
-                        pass
+                    _remove(path)
             self.shm_free.clear()
 
     def close_shm(self) -> None:
@@ -224,3 +223,10 @@ class WeightPublisher:
                 src = Path(self.model_path) / name
                 if src.is_file():
                     shutil.copy(src, out / name)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -112,10 +112,10 @@ def sync_weights(learner: Any, engines: list[Any], version: int, cfg: Any, trans
                  iteration: int | None = None) -> dict[str, float]:
     """Publish ``version`` to ``engines`` and verify it; ``iteration``: the loop iteration (fault injection)."""
     t0 = time.perf_counter()
-    update = learner.call_rank0("export_weights", version, transport, cfg.bucket_mb)
-    t_export = time.perf_counter()
     loaded = False
-    try:
+    try:  # the export too: a failed one leaves files of this version that the release below removes
+        update = learner.call_rank0("export_weights", version, transport, cfg.bucket_mb)
+        t_export = time.perf_counter()
         expected_bytes = check_against_checkpoint(update, expected)
         if iteration is not None:
             faults.point("sync", iteration)

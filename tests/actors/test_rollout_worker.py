@@ -104,6 +104,31 @@ def test_sync_then_engine_matches_learner(setup, transport, version):
         assert len(kept) == stats["sync/num_buckets"] and all(f"-v{version}-" in f for f in kept), kept
 
 
+def test_consecutive_shm_syncs_write_into_the_same_files(setup):
+    """After a loaded version its files are kept and the next version is written into them: the engine's worker
+    must then hash and load the new bytes (an update in between makes the fingerprints differ)."""
+    import os
+
+    engine, learner = setup
+    version = ray.get(engine.served.remote(), timeout=60)["workers"][0]["version"] + 1
+    cfg = SyncConfig(bucket_mb=1)
+    first = sync_weights(learner, [engine], version, cfg, "shm", canary=None)
+    files = {os.stat(f).st_ino: f for f in shm_buckets()}
+    assert len(files) == first["sync/num_buckets"]
+    batch = generate(engine, version)
+    rewards = np.array([len(x) % 3 for x in batch.column("response_token_ids").to_pylist()], dtype=np.float32)
+    learner.call_rank0("prepare", add_column(batch, "reward", rewards), version)
+    learner.call_rank0("update")
+    before = ray.get(engine.served.remote(), timeout=60)["workers"][0]["fingerprint"]
+    stats = sync_weights(learner, [engine], version + 1, cfg, "shm", canary=batch.slice(0, 3))
+    served = ray.get(engine.served.remote(), timeout=60)["workers"][0]
+    kept = shm_buckets()
+    assert {os.stat(f).st_ino for f in kept} == set(files), "the next version must go into the kept files"
+    assert all(f"-v{version + 1}-" in f for f in kept)
+    assert served["version"] == version + 1 and served["fingerprint"] != before
+    assert stats["sync/logprob_max_abs_diff"] < 1e-3
+
+
 def _update_from(model, version):
     named = list(model.named_parameters())
     packed = [pack_bucket(g, lambda n: np.empty(n, dtype=np.uint8)) for g in plan_buckets(named, 1 << 20)]

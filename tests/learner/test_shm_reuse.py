@@ -58,14 +58,23 @@ def pub(tmp_path):
     p.close_shm()
 
 
+def kept_mappings(pub) -> set[int]:
+    return {id(m) for kept in pub.shm_free.values() for _, m in kept}
+
+
 def test_loaded_versions_files_are_reused_with_the_new_bytes(pub, tmp_path):
     v1 = pub.export(1)
     assert [b.nbytes for b in v1.buckets] == [591_360] * 4
     first = inodes(v1)
     pub.release_weights(1, reuse=True)
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(b.location) for b in v1.buckets)
+    kept = kept_mappings(pub)
+    assert len(kept) == 4
     pub.step()
     v2 = pub.export(2)
+    # The same files and the same mappings (a new file, or the kept one opened again with mode w+, would have
+    # cost the page faults this exists to save; inode numbers alone can be recycled by the filesystem).
+    assert {id(m) for m in pub.shm_maps.values()} == kept and pub.shm_free[(str(tmp_path), 591_360)] == []
     assert sorted(inodes(v2)) == sorted(first), "the loaded version's files must be written again, not new ones"
     assert all("-v2-" in name for name in os.listdir(tmp_path)), "renamed to the new version: no stale names"
     state = {n: p.detach() for n, p in pub.module.lm.named_parameters()}
@@ -84,7 +93,26 @@ def test_failed_versions_files_are_deleted_never_reused(pub, tmp_path):
     pub.release_weights(1, reuse=False)  # a sync whose load failed: an engine may still be reading
     assert os.listdir(tmp_path) == [] and pub.shm_free == {}
     pub.export(2)
-    assert pub.shm_free == {} and len(os.listdir(tmp_path)) == len(v1.buckets)
+    assert len(os.listdir(tmp_path)) == len(v1.buckets)
+
+
+def test_kept_files_removed_under_the_run_or_resized_are_replaced(pub, tmp_path):
+    pub.export(1)
+    pub.release_weights(1, reuse=True)
+    for name in os.listdir(tmp_path):  # someone cleaned /dev/shm between two syncs
+        os.unlink(tmp_path / name)
+    pub.step()
+    v2 = pub.export(2)
+    state = {n: p.detach() for n, p in pub.module.lm.named_parameters()}
+    assert all(torch.equal(read_back(v2)[n], state[n]) for n in state)
+    # The same version's paths kept at one size and exported again at another (a different model under the same
+    # run id): the kept files are dropped, not handed out at the wrong size.
+    pub.release_weights(2, reuse=True)
+    pub.module.lm = torch.nn.Sequential(*(torch.nn.Linear(256, 256) for _ in range(4)))
+    again = pub.export(2)
+    assert [b.nbytes for b in again.buckets] != [b.nbytes for b in v2.buckets]
+    state = {n: p.detach() for n, p in pub.module.lm.named_parameters()}
+    assert all(torch.equal(read_back(again)[n], state[n]) for n in state)
 
 
 def test_close_deletes_the_kept_files(pub, tmp_path):
