@@ -101,6 +101,8 @@ class WeightPublisher:
     def _shm_buffer(self, path: str, nbytes: int) -> np.ndarray:
         """A writable mapping of ``path`` of ``nbytes``: a released file of that size in the same directory renamed
         to ``path`` (pages present, mapping kept), else a new file."""
+        from oirl.weights import remove_if_present
+
         size = max(nbytes, 1)
         mapping = None
         for kept in self.shm_free.values():  # ``path`` itself kept (the same version exported again)
@@ -110,7 +112,7 @@ class WeightPublisher:
                     if m.size == size and os.path.exists(path):
                         mapping = m
                     else:
-                        _remove(path)
+                        remove_if_present(path)
                     break
         free = self.shm_free.get((os.path.dirname(path), size), [])
         while mapping is None and free:
@@ -151,29 +153,28 @@ class WeightPublisher:
         """A version's /dev/shm files are not needed any more (None: every version's). ``reuse``: every engine has
         loaded it, so keep the files and their mappings for the next version's buckets; else delete them, and with
         ``version=None`` the kept ones too."""
+        from oirl.weights import remove_if_present
+
         for v in list(self.shm_files) if version is None else [version]:
             for path in self.shm_files.pop(v, []):
                 mapping = self.shm_maps.pop(path, None)
                 if reuse and mapping is not None and os.path.exists(path):
                     self.shm_free.setdefault((os.path.dirname(path), mapping.size), []).append((path, mapping))
                 else:
-                    _remove(path)
+                    remove_if_present(path)
         if version is None and not reuse:
             for kept in self.shm_free.values():
                 for path, _ in kept:
-                    _remove(path)
+                    remove_if_present(path)
             self.shm_free.clear()
 
     def close_shm(self) -> None:
         """Delete every /dev/shm file of this run, its lock included (end of the run, or after a failure)."""
-        from oirl.weights import shm_lock_path
+        from oirl.weights import remove_if_present, shm_lock_path
 
         self.release_weights(None)
         if self.shm_lock is not None:
-            try:
-                os.unlink(shm_lock_path(self.shm_dir, self.run_id))
-            except FileNotFoundError:
-                pass
+            remove_if_present(shm_lock_path(self.shm_dir, self.run_id))
             os.close(self.shm_lock)
             self.shm_lock = None
 
@@ -223,10 +224,3 @@ class WeightPublisher:
                 src = Path(self.model_path) / name
                 if src.is_file():
                     shutil.copy(src, out / name)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -185,12 +185,18 @@ def clean_stale_shm(shm_dir: str, own_run_id: str = "") -> list[str]:
     return removed
 
 
-def _unlink(path: str, removed: list[str]) -> None:
+def remove_if_present(path: str) -> bool:
+    """Delete ``path``; False when it was already gone (another rank, or a cleaner, removed it first)."""
     try:
         os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _unlink(path: str, removed: list[str]) -> None:
+    if remove_if_present(path):
         removed.append(path)
-    except FileNotFoundError:  # another rank on this node cleaned it first
-        pass
 
 
 # ---- collective transport -----------------------------------------------------------------------------------------
