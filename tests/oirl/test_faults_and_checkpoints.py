@@ -128,9 +128,10 @@ def test_a_checkpoint_write_on_a_full_disk_names_the_directory_and_the_space(tmp
     mismatch; the learner's error says which rank, which checkpoint and directory, and that the filesystem is full."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
+    probe = subprocess.run(["unshare", "--mount", "bash", "-c", f"mount -t tmpfs -o size=1m tmpfs {mnt}"],
+                           capture_output=True)
     if probe.returncode != 0:
-        pytest.skip(f"no private mount namespace here: {probe.stderr.decode().strip()}")
+        pytest.skip(f"no private mount namespace with tmpfs here: {probe.stderr.decode().strip()}")
     script = f"mount -t tmpfs -o size=1m tmpfs {mnt} && exec {sys.executable} -c \"$0\" {mnt}/checkpoints"
     proc = subprocess.run(["unshare", "--mount", "bash", "-c", script, FULL_DISK_SAVE], capture_output=True,
                           text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
