@@ -156,7 +156,23 @@ def main() -> int:
     out.with_name(f"{out.stem}.rank{result['rank']}{out.suffix}").write_text(json.dumps(result))
     if result["rank"] == 0:
         out.write_text(json.dumps(result))
+    close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Destroys the gloo process group accelerate made under torchrun, while the interpreter is whole.
+
+    Left to interpreter shutdown, gloo's worker threads may still hold work objects with tensors in them; freeing
+    those during finalization aborts the process ("terminate called without an active exception", SIGABRT) after
+    a run that finished, which torchrun reports as a failure. The barrier lets no rank tear down while another is
+    still in a collective.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
