@@ -130,17 +130,20 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             return sync_weights(learner, engines, version, cfg.sync, transport, canary, expected_tensors, iteration)
 
         start = int(committed["iteration"]) if committed is not None else 0
-        served = start  # the version every engine serves (the learner's newest)
+        served = start  # the version every engine serves
+        newest = start  # the learner's weights: `served`, or served + 1 between an update and the sync after it
 
         def resync(engine: Any) -> int:
-            """A replacement engine loads the newest version (collective: the group is formed anew with it, and a
-            broadcast reaches every member); returns that version."""
+            """A replacement engine loads the learner's weights as they are now, under their own version (collective:
+            the group is formed anew with it, and a broadcast reaches every member); returns that version. In
+            one-step-off mode an engine lost while the next batch is in flight is replaced after the update, so its
+            shard is sampled from version it + 1 and labelled so: those rows are then on-policy, and checked as such."""
             if transport == "collective":
                 form_weight_group(learner, pool.engines, cfg.sync.timeout_s)
-                sync(pool.engines, served)
+                sync(pool.engines, newest)
             else:
-                sync([engine], served)
-            return served
+                sync([engine], newest)
+            return newest
 
         def draw(k: int) -> tuple[Any, dict[int, str]]:
             """Iteration k's prompts, generation started on every engine with the version they serve."""
@@ -195,6 +198,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
 
             with timed(timings, "update"):
                 upd = learner_phase(learner, "update", it)
+                newest = it + 1
             if not checked:  # learner.old_logprobs=update: the update's own forward scored the batch, before its step
                 check_on_policy(upd, cfg.sync, it, required=True)
 

@@ -222,18 +222,33 @@ def test_one_step_off_async_is_one_version_behind_learns_and_resumes_exactly(tmp
     """rollout.async_steps=1: batch k+1 is generated with version k while the learner trains on batch k. Every
     batch after the first is exactly one version behind, importance weights are logged, it learns; and kill -9 in
     generate (a batch in flight) and in checkpoint, each followed by --resume, reproduce the uninterrupted run: the
-    in-flight batch is stored with the checkpoint."""
+    in-flight batch is stored with the checkpoint.
+
+    An engine killed while batch `replaced` is in flight is replaced after the previous iteration's update,
+    so it samples from version `replaced`: its rows must say so and pass the strict on-policy check."""
     full = tmp_path / "async"
-    run_cli(full, f"iterations={LEARN_ITERS}", "checkpoint_every=0", "rollout.async_steps=1")
+    replaced = 8  # after the rows the resume below is compared with
+    proc = run_with_fault(full, f"kill-actor:engine:{replaced}", f"iterations={LEARN_ITERS}", "checkpoint_every=0",
+                          "rollout.async_steps=1")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "replacing it (1/" in proc.stderr
     rows = metrics(full)
     assert [r["iteration"] for r in rows] == list(range(LEARN_ITERS))
     assert rows[0]["rollout/staleness_max"] == 0 and rows[0]["rollout/policy_version_max"] == 0
+    checked = "rollout/engine_learner_logprob_tokens_checked"
     for r in rows[1:]:
-        assert r["rollout/policy_version_min"] == r["rollout/policy_version_max"] == r["iteration"] - 1
-        assert r["rollout/staleness_max"] == 1
         assert 0 < r["learner/is_weight_mean"] <= 2.0 and r["learner/is_ratio_max"] > 0
         assert 0 <= r["learner/is_truncated_frac"] <= 1
         assert r["sync/logprob_max_abs_diff"] < 1e-3  # every sync still verified
+        if r["iteration"] == replaced:  # sampled from the learner's weights: on-policy, checked, ratio 1
+            assert r["rollout/policy_version_min"] == r["rollout/policy_version_max"] == replaced
+            assert r["rollout/staleness_max"] == 0 and r["rollout/engine_restarts"] == 1
+            assert r[checked] == r["learner/tokens"] > 0
+            assert r["rollout/engine_learner_logprob_max_abs_diff"] < 1e-3
+            assert r["learner/is_ratio_max"] == pytest.approx(1.0, abs=2e-3)
+        else:
+            assert r["rollout/policy_version_min"] == r["rollout/policy_version_max"] == r["iteration"] - 1
+            assert r["rollout/staleness_max"] == 1 and r[checked] == 0
     rewards = [r["reward/mean"] for r in rows]
     assert sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3 > 0.1, rewards
 
