@@ -174,6 +174,19 @@ def test_bucket_corrupted_after_the_actor_before_the_worker_fails_the_sync(setup
     assert stats["sync/num_buckets"] >= 1
 
 
+def test_a_reload_the_worker_never_did_fails_the_served_check(setup):
+    """The actor says it loaded the version (even with the learner's fingerprint) but the engine's worker still
+    holds the previous one: the driver asks the worker itself and refuses."""
+    engine, learner = setup
+    version = ray.get(engine.served.remote(), timeout=60)["workers"][0]["version"] + 1
+    ray.get(engine.lose_next_reload.remote(), timeout=60)
+    with pytest.raises(SyncError, match=f"engine 0 serves version {version - 1} fingerprint .*, expected version "
+                                        f"{version} fingerprint"):
+        sync_weights(learner, [engine], version, SyncConfig(bucket_mb=1), "object_store", canary=None)
+    sync_weights(learner, [engine], version, SyncConfig(bucket_mb=1), "object_store", canary=None)  # loads now
+    assert ray.get(engine.served.remote(), timeout=60)["workers"][0]["version"] == version
+
+
 def test_multiprocess_engine_receives_weights_over_vllm_rpc(setup, tiny_model_path):
     """vLLM's own engine processes (the GPU configs' mode): bucket metadata and bytes cross vLLM's msgpack RPC."""
     _, learner = setup

@@ -33,6 +33,17 @@ def test_off_policy_samples_are_refused():
     validate_versions(_batch(3), 3)
     with pytest.raises(RuntimeError, match="expects 4"):
         validate_versions(_batch(3), 4)
+    with pytest.raises(RuntimeError, match=r"policy_version in \[5, 5\] but iteration expects 4"):
+        validate_versions(_batch(5), 4)  # from the future: a version the learner has not published
+
+
+def test_one_step_off_accepts_one_version_behind_and_no_more():
+    validate_versions(_batch(2), 3, async_steps=1)
+    validate_versions(_batch(3), 3, async_steps=1)
+    with pytest.raises(RuntimeError, match=r"expects \[2, 3\] \(rollout.async_steps=1\)"):
+        validate_versions(_batch(1), 3, async_steps=1)
+    with pytest.raises(RuntimeError, match=r"expects \[2, 3\]"):
+        validate_versions(_batch(4), 3, async_steps=1)
 
 
 def test_buckets_roundtrip_and_fingerprint():

@@ -53,14 +53,39 @@ def test_dotted_overrides_in_both_spellings():
     ("learner.update_autocast=float16", "learner.update_autocast='float16' must be '' (off) or 'bfloat16'"),
     ("learner.old_logprobs=engine", "learner.old_logprobs='engine' must be 'auto', 'forward' or 'update'"),
     ("learner.old_logprobs=update", "learner.old_logprobs=update needs a critic-free learner.algorithm"),
+    ("learner.algorithm=grpo", "set learner.kl_in_loss=true"),
+    ("learner.algorithm=rloo learner.kl_in_loss=true rollout.samples_per_prompt=1",
+     "rollout.samples_per_prompt=1 must be >= 2"),
+    ("rollout.async_steps=2", "rollout.async_steps=2 must be 0 (on-policy) or 1 (one-step-off)"),
+    ("learner.importance_cap=0", "learner.importance_cap=0.0 must be > 0"),
+    ("learner.loss_aggregation=sum", "learner.loss_aggregation='sum' must be"),
+    ("learner.ref_dtype=float16", "learner.ref_dtype='float16' must be"),
+    ("learner.gae_lambda=1.5", "learner.gae_lambda=1.5 must be in [0, 1]"),
+    ("sync.canary_tolerance=0", "sync.canary_tolerance=0.0 must be > 0"),
+    ("sync.on_policy_tolerance=-1", "sync.on_policy_tolerance=-1.0 must be > 0"),
+    ("sync.canary_every=-1", "sync.canary_every=-1 must be >= 0"),
+    ("sync.bucket_mb=0", "sync.bucket_mb=0 must be >= 1"),
+    ("reward.url=ftp://host/score", "reward.url='ftp://host/score' must start with http:// or https://"),
+    ("reward.kind=none", "reward.kind=none needs another backend"),
+    ("reward.clip=-1", "reward.clip=-1.0 must be >= 0"),
+    ("checkpoint_keep=0", "checkpoint_keep=0 must be >= 1"),
+    ("iterations=0", "iterations=0 must be >= 1"),
+    ("rollout.max_restarts=-1", "rollout.max_restarts=-1 must be >= 0"),
 ])
 def test_bad_values_name_the_field(override, fragment):
-    overrides = [override]
+    overrides = override.split()  # one case, one or more overrides
     if override == "data.source=gsm8k":
         overrides.append("data.path=/nonexistent/train.jsonl")
     with pytest.raises(ConfigError) as err:
         load_config(REPO_ROOT / "configs" / "smoke.yaml", overrides)
     assert fragment in str(err.value)
+
+
+def test_malformed_overrides_are_refused():
+    with pytest.raises(ConfigError, match="override '--learner.lr' has no value; write it as learner.lr=VALUE"):
+        parse_overrides(["iterations=2", "--learner.lr"])
+    with pytest.raises(ConfigError, match="override 'learner.lr.x' conflicts with an earlier override of 'lr'"):
+        parse_overrides(["learner.lr=1e-4", "learner.lr.x=1"])
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path: Path):
