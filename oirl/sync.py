@@ -171,13 +171,31 @@ def canary_check(learner: Any, engines: list[Any], rows: pa.Table, cfg: Any) -> 
     learner_lp = learner.call_rank0("logprobs", seqs, plens)
     worst = 0.0
     for k, engine_lp in enumerate(_wait(engine_refs, cfg.timeout_s, "canary")):
-        for a, b in zip(engine_lp, learner_lp):
-            diff = float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) if len(a) else 0.0
-            worst = max(worst, diff)
+        worst = max(worst, canary_diff(k, engine_lp, learner_lp))
         if worst > cfg.canary_tolerance:
             raise SyncError(f"canary: engine {k} logprobs differ from the learner's by {worst:.3g} > "
                             f"sync.canary_tolerance={cfg.canary_tolerance}; the engine does not serve the "
                             "published weights")
+    return worst
+
+
+def canary_diff(engine: int, engine_lp: list[Any], learner_lp: list[Any]) -> float:
+    """Largest |engine - learner| logprob over the canary's tokens. A NaN or inf, or sequences of another length,
+    is an error: either would otherwise compare as no difference at all."""
+    if len(engine_lp) != len(learner_lp):
+        raise SyncError(f"canary: engine {engine} scored {len(engine_lp)} sequences, the learner {len(learner_lp)}")
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(engine_lp, learner_lp)):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if a.shape != b.shape:
+            raise SyncError(f"canary: sequence {i}: engine {engine} gave {a.shape[0]} logprobs, the learner "
+                            f"{b.shape[0]}")
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise SyncError(f"canary: sequence {i}: a non-finite logprob (engine {engine}: {int((~np.isfinite(a)).sum())}"
+                            f" of {a.size}, learner: {int((~np.isfinite(b)).sum())} of {b.size}); the weights are "
+                            "broken on one side")
+        if a.size:
+            worst = max(worst, float(np.max(np.abs(a - b))))
     return worst
 
 

@@ -12,10 +12,12 @@ from actors.rollout_worker import SyncConfig
 from oirl.sync import (
     OnPolicyError,
     SyncError,
+    canary_diff,
     canary_due,
     check_against_checkpoint,
     check_on_policy,
     checkpoint_tensors,
+    choose_transport,
 )
 from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets
 
@@ -52,6 +54,40 @@ def test_a_dropped_renamed_or_reshaped_tensor_fails_the_sync(tiny_model_path, we
         named.append(("value_head.weight", torch.zeros(1, 64)))
     with pytest.raises(SyncError, match="does not match the model checkpoint's tensors"):
         check_against_checkpoint(_update(named), checkpoint_tensors(tiny_model_path))
+
+
+def test_buckets_that_hold_more_bytes_than_their_tensors_fail_the_sync(tiny_model_path, weights):
+    import dataclasses
+
+    update = _update(weights)
+    padded = dataclasses.replace(update, nbytes=update.nbytes + 1)
+    with pytest.raises(SyncError, match=f"buckets hold {update.nbytes + 1} bytes but their tensors need "
+                                        f"{update.nbytes}"):
+        check_against_checkpoint(padded, checkpoint_tensors(tiny_model_path))
+
+
+def test_shm_is_refused_across_nodes_and_auto_picks_by_node():
+    assert choose_transport("auto", "a", ["a", "a"]) == "shm"
+    assert choose_transport("auto", "a", ["a", "b"]) == "collective"
+    assert choose_transport("shm", "a", ["a"]) == "shm"
+    with pytest.raises(SyncError, match="sync.transport=shm needs every engine on learner rank 0's node"):
+        choose_transport("shm", "a", ["a", "b"])
+
+
+def test_canary_diff_fails_on_nan_inf_or_missing_logprobs():
+    engine = [np.array([-1.0, -2.0]), np.array([], dtype=np.float32), np.array([-0.5])]
+    learner = [np.array([-1.0, -2.25]), np.array([], dtype=np.float32), np.array([-0.5])]
+    assert canary_diff(0, engine, learner) == pytest.approx(0.25)
+    for bad in (np.nan, np.inf, -np.inf):  # max(0, nan) is 0 and nan > tol is False: it would pass as "no diff"
+        broken = [engine[0], engine[1], np.array([bad])]
+        with pytest.raises(SyncError, match="canary: sequence 2: a non-finite logprob"):
+            canary_diff(1, broken, learner)
+        with pytest.raises(SyncError, match="canary: sequence 2: a non-finite logprob"):
+            canary_diff(1, learner, broken)
+    with pytest.raises(SyncError, match="canary: sequence 0: engine 1 gave 1 logprobs, the learner 2"):
+        canary_diff(1, [np.array([-1.0]), *engine[1:]], learner)
+    with pytest.raises(SyncError, match="engine 1 scored 2 sequences, the learner 3"):
+        canary_diff(1, engine[:2], learner)
 
 
 def _stats(frac, worst=0.5, mean=0.01):
