@@ -25,6 +25,7 @@ import ray
 
 from actors.rollout_worker import RolloutConfig, RolloutWorker
 from oirl import faults
+from oirl.batch import generate_seconds, with_generate_seconds
 from oirl.remote import ActorDiedError, RemoteError, get_all
 
 logger = logging.getLogger(__name__)
@@ -77,15 +78,20 @@ class EnginePool:
         ps, ss = gen.shards[i]
         return self.engines[i].generate.remote([p.prompt_id for p in ps], [p.token_ids for p in ps], gen.version, ss)
 
-    def collect(self, gen: Generation, resync: Callable[[Any], int]) -> pa.Table:
+    def collect(self, gen: Generation, resync: Callable[[Any], int], settle: bool = False) -> pa.Table:
         """Wait for every shard of ``gen``. resync(engine) loads the learner's current version into a replacement
-        engine and returns that version (the shard is then regenerated with it and the same seeds)."""
+        engine and returns that version (the shard is then regenerated with it and the same seeds). ``settle``: let
+        the other engines finish their shards before resync (the collective transport re-forms its group with every
+        engine, and an engine joins only after its generate call; sync.timeout_s would otherwise have to cover the
+        rest of their generation)."""
         what = f"generate (iteration {gen.iteration})"
         while True:
             try:
-                return pa.concat_tables(get_all(gen.refs, self.cfg.timeout_s, what,
-                                                [f"engine {i}" for i in gen.engines],
-                                                hint="rollout.timeout_s bounds each generate call"))
+                shards = get_all(gen.refs, self.cfg.timeout_s, what, [f"engine {i}" for i in gen.engines],
+                                 hint="rollout.timeout_s bounds each generate call")
+                # The engines ran side by side: the batch took as long as its slowest shard.
+                return with_generate_seconds(pa.concat_tables(shards),
+                                             max(generate_seconds(t) or 0.0 for t in shards))
             except ActorDiedError as e:
                 i = gen.engines[e.index]
                 if self.restarts >= self.cfg.max_restarts:
@@ -95,7 +101,13 @@ class EnginePool:
                 self.restarts += 1
                 logger.warning("engine %d died during generate of iteration %d (%s); replacing it (%d/%d)", i,
                                gen.iteration, type(e.__cause__).__name__, self.restarts, self.cfg.max_restarts)
-                self.engines[i] = self._spawn(i)
+                self.engines[i] = self._spawn(i)  # vLLM starts while the others finish
+                if settle:
+                    others = [r for k, r in enumerate(gen.refs) if k != e.index]
+                    ray.wait(others, num_returns=len(others), timeout=self.cfg.timeout_s)  # get_all names a late one
+                # Started before the sync: sync.timeout_s bounds the sync, not vLLM's start-up.
+                get_all([self.engines[i].node_id.remote()], self.cfg.timeout_s, f"starting replacement engine {i}",
+                        [f"engine {i}"], hint="rollout.timeout_s bounds an engine's start-up")
                 gen.version = resync(self.engines[i])
                 gen.refs[e.index] = self._submit(gen, i)  # the others' finished results are fetched again, cheaply
 

@@ -170,7 +170,7 @@ class RolloutWorker:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from oirl.batch import make_rollout_batch
+        from oirl.batch import make_rollout_batch, with_generate_seconds
 
         if self.version != expected_version:
             raise RuntimeError(
@@ -182,8 +182,10 @@ class RolloutWorker:
                                  top_p=self.cfg.top_p, top_k=self.cfg.top_k, max_tokens=self.cfg.max_new_tokens,
                                  logprobs=0, seed=s, ignore_eos=self.cfg.ignore_eos)
                   for s in seeds]
+        t0 = time.perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params,
                                     use_tqdm=False)
+        seconds = time.perf_counter() - t0
         rows: dict[str, list] = {k: [] for k in ("pid", "idx", "prompt", "resp", "lp", "finish")}
         for pid, ids, out in zip(prompt_ids, prompt_token_ids, outputs):
             for j, c in enumerate(out.outputs):
@@ -194,8 +196,8 @@ class RolloutWorker:
                 rows["resp"].append(tokens)
                 rows["lp"].append([step[t].logprob for step, t in zip(c.logprobs, tokens)])
                 rows["finish"].append(c.finish_reason or "length")
-        return make_rollout_batch(rows["pid"], rows["idx"], rows["prompt"], rows["resp"], rows["lp"],
-                                  rows["finish"], self.version)
+        return with_generate_seconds(make_rollout_batch(rows["pid"], rows["idx"], rows["prompt"], rows["resp"],
+                                                        rows["lp"], rows["finish"], self.version), seconds)
 
     def load_weights(self, update: Any, timeout_s: float = 300.0) -> dict:
         """Receive version k+1: fetch the buckets, reload them in place, reset the prefix cache.

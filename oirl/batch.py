@@ -14,6 +14,10 @@
 
 The learner adds reference logprobs, values, advantages and returns internally (as tensors, padded once in
 ``learner.ppo.pad_batch``); no stage rewrites another stage's columns.
+
+The schema's metadata carries the engines' own generation time (``oirl.generate_s``: the longest shard's seconds
+inside vLLM's generate), so a batch generated while the learner trained (one-step-off mode), or stored with a
+checkpoint, still knows how long it took to generate.
 """
 
 from __future__ import annotations
@@ -73,6 +77,19 @@ def make_rollout_batch(
         ],
         schema=ROLLOUT_SCHEMA,
     )
+
+
+GENERATE_S = b"oirl.generate_s"
+
+
+def with_generate_seconds(table: pa.Table, seconds: float) -> pa.Table:
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), GENERATE_S: repr(float(seconds)).encode()})
+
+
+def generate_seconds(table: pa.Table) -> float | None:
+    """The engines' generation time stored with ``table`` (None: a batch written before it was recorded)."""
+    raw = (table.schema.metadata or {}).get(GENERATE_S)
+    return float(raw) if raw is not None else None
 
 
 def add_column(table: pa.Table, name: str, values: pa.Array | np.ndarray | list) -> pa.Table:

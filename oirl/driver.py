@@ -33,7 +33,7 @@ from actors.engine_pool import EnginePool
 from learner.critic import check_critic_init
 from learner.group import LearnerGroup
 from oirl import checkpoint, faults
-from oirl.batch import add_column, validate_versions
+from oirl.batch import add_column, generate_seconds, validate_versions
 from oirl.config import OFFLINE_ENV, RunConfig, fused_old_logprobs_blockers
 from oirl.data import PromptDataset
 from oirl.metrics import MetricsLogger, plot_curves
@@ -77,7 +77,16 @@ def start_ray(address: str, num_cpus: int) -> bool:
 
 
 def seeds_for(seed: int, iteration: int, prompt_ids: list[int]) -> list[int]:
-    return [int(np.random.default_rng([seed, iteration, p]).integers(2**31 - 1)) for p in prompt_ids]
+    """One sampling seed per prompt of iteration ``iteration``, the same on --resume. A prompt drawn twice in one
+    batch (the batch crosses an epoch boundary) gets a different seed each time, so its copies do not repeat each
+    other's samples."""
+    seen: dict[int, int] = {}
+    seeds = []
+    for p in prompt_ids:
+        k = seen[p] = seen.get(p, -1) + 1
+        key = [seed, iteration, p] + ([k] if k else [])
+        seeds.append(int(np.random.default_rng(key).integers(2**31 - 1)))
+    return seeds
 
 
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -130,6 +139,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             return sync_weights(learner, engines, version, cfg.sync, transport, canary, expected_tensors, iteration)
 
         start = int(committed["iteration"]) if committed is not None else 0
+        # Replacements before the resume still count in the metric; rollout.max_restarts is a budget per process.
+        restarts_before = int(committed.get("engine_restarts", 0)) if committed is not None else 0
         served = start  # the version every engine serves
         newest = start  # the learner's weights: `served`, or served + 1 between an update and the sync after it
 
@@ -152,7 +163,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             return gen, {p.prompt_id: p.reference for p in prompts}
 
         def finish(drawn: tuple[Any, dict[int, str]]) -> pa.Table:
-            batch = pool.collect(drawn[0], resync)
+            batch = pool.collect(drawn[0], resync, settle=transport == "collective")
             return add_column(batch, "reference", [drawn[1][i] for i in batch.column("prompt_id").to_pylist()])
 
         reward_state, restored_row, ahead = None, None, None  # ahead: the next iteration's batch, already generated
@@ -225,11 +236,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
 
             timings["timing_s/iteration"] = time.perf_counter() - t_iter
             last = iteration_metrics(it, batch, rewards, timings, prep, upd, sync_stats, memory,
-                                     engine_restarts=pool.restarts)
+                                     engine_restarts=restarts_before + pool.restarts)
             if save:
                 checkpoint.commit(ckpt_dir, tag, {"iteration": it + 1, "data": dataset.state(), "run_id": run_id,
                                                   "reward_state": reward_state, "metrics_row": last,
-                                                  "prefetched": ahead is not None})
+                                                  "prefetched": ahead is not None,
+                                                  "engine_restarts": restarts_before + pool.restarts})
                 checkpoint.prune(ckpt_dir, cfg.checkpoint_keep, tag)
             metrics_log.log(last)
             if bar is not None:
@@ -287,6 +299,7 @@ def iteration_metrics(it: int, batch: pa.Table, rewards: np.ndarray, timings: di
     versions = batch.column("policy_version").to_numpy()
     resp_tokens = pc.sum(pc.list_value_length(batch.column("response_token_ids"))).as_py()
     prompt_tokens = pc.sum(pc.list_value_length(batch.column("prompt_token_ids"))).as_py()
+    engine_s = generate_seconds(batch) or timings["timing_s/generate"]  # a prefetched batch of an older checkpoint
     row: dict[str, Any] = {
         "iteration": it,
         "rollout/policy_version_min": int(versions.min()),
@@ -299,7 +312,10 @@ def iteration_metrics(it: int, batch: pa.Table, rewards: np.ndarray, timings: di
         "rollout/engine_restarts": engine_restarts,
         "reward/mean": float(np.mean(rewards)),
         "reward/std": float(np.std(rewards)),
-        "perf/gen_tokens_per_s": resp_tokens / timings["timing_s/generate"],
+        # The engines' own generation time: in one-step-off mode the batch was generated during the previous
+        # iteration, so this iteration's generate phase holds almost none of it.
+        "rollout/engine_generate_s": engine_s,
+        "perf/gen_tokens_per_s": resp_tokens / engine_s,
         "perf/samples_per_s": batch.num_rows / timings["timing_s/iteration"],
     }
     for s in stats:

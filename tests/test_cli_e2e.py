@@ -209,6 +209,7 @@ def test_actor_faults_recover_or_fail_clearly(tmp_path):
     assert proc.returncode == 0, proc.stderr[-6000:]
     rows = metrics(out)
     assert [r["iteration"] for r in rows] == list(range(5))
+    assert [r["rollout/engine_restarts"] for r in rows] == [0, 1, 1, 1, 1]  # the count survives the resume
     want_rows = metrics(reference)
     assert len({round(r["reward/mean"], 6) for r in want_rows}) > 1  # normalised, but not trivially 0
     for got, want in zip(rows, want_rows):
@@ -236,7 +237,13 @@ def test_one_step_off_async_is_one_version_behind_learns_and_resumes_exactly(tmp
     assert [r["iteration"] for r in rows] == list(range(LEARN_ITERS))
     assert rows[0]["rollout/staleness_max"] == 0 and rows[0]["rollout/policy_version_max"] == 0
     checked = "rollout/engine_learner_logprob_tokens_checked"
+    # Generated inside its own phase, the first batch's engine time fits in it; the later ones were generated during
+    # the previous iteration (alongside its update on these 2 cores): their rate is the engines', not tokens over
+    # this iteration's near-empty generate phase.
+    assert 0 < rows[0]["rollout/engine_generate_s"] <= rows[0]["timing_s/generate"]
     for r in rows[1:]:
+        assert r["rollout/engine_generate_s"] > 3 * r["timing_s/generate"]
+        assert r["perf/gen_tokens_per_s"] < 3 * rows[0]["perf/gen_tokens_per_s"]
         assert 0 < r["learner/is_weight_mean"] <= 2.0 and r["learner/is_ratio_max"] > 0
         assert 0 <= r["learner/is_truncated_frac"] <= 1
         assert r["sync/logprob_max_abs_diff"] < 1e-3  # every sync still verified
@@ -299,12 +306,18 @@ def test_critic_free_algorithm_learns_and_flipped_sign_does_not(algorithm, tmp_p
 @requires_loopback
 def test_collective_transport_with_two_engines(tmp_path):
     """Learner rank 0 broadcasts every version over a gloo group it forms with both engines' workers; each worker
-    hashes what it received, and the usual on-policy checks hold."""
+    hashes what it received, and the usual on-policy checks hold. An engine killed mid-generate is replaced and the
+    group formed anew within a short sync.timeout_s: the replacement's vLLM start-up is waited for first, under
+    rollout.timeout_s, so the sync's own timeout need not cover it."""
     out = tmp_path / "collective"
-    proc = run_cli(out, "iterations=3", "checkpoint_every=0", "sync.transport=collective", "rollout.num_engines=2")
+    proc = run_with_fault(out, "kill-actor:engine:1", "iterations=3", "checkpoint_every=0", "sync.transport=collective",
+                          "rollout.num_engines=2", "sync.timeout_s=6")
+    assert proc.returncode == 0, proc.stderr[-6000:]
     assert "2 engines, 2 learner ranks (ZeRO-2), weight transport collective" in proc.stderr
+    assert "replacing it (1/" in proc.stderr
     rows = metrics(out)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert [r["rollout/engine_restarts"] for r in rows] == [0, 1, 1]
     for r in rows:
         assert r["rollout/policy_version_min"] == r["rollout/policy_version_max"] == r["iteration"]
         assert r["rollout/engine_learner_logprob_frac_over_tol"] == 0.0

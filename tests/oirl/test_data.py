@@ -64,6 +64,22 @@ def test_sampler_state_resumes_the_same_prompts(tokenizer):
     assert [p.prompt_id for p in b.next_batch()] == expected
 
 
+def test_a_prompt_drawn_twice_in_one_batch_gets_two_seeds(tokenizer):
+    """A batch larger than the dataset repeats prompts; each copy samples with its own seed (the same copy the
+    same seed on --resume), and a prompt drawn once keeps the seed it always had."""
+    import numpy as np
+
+    from oirl.driver import seeds_for
+
+    ds = PromptDataset(DataConfig(source="synthetic", max_rows=3, prompts_per_iteration=5), tokenizer)
+    ids = [p.prompt_id for p in ds.next_batch()]
+    assert len(set(ids)) < len(ids)
+    seeds = seeds_for(0, 7, ids)
+    assert len(set(seeds)) == len(ids) and seeds == seeds_for(0, 7, ids)
+    first = ids.index(ids[-1])
+    assert seeds[first] == int(np.random.default_rng([0, 7, ids[-1]]).integers(2**31 - 1))
+
+
 def test_real_gsm8k_file_loads(tokenizer):
     if not GSM8K.is_file():
         pytest.fail(f"GSM8K data is missing: expected {GSM8K} (../shared/data/gsm8k/train.jsonl beside the repo)")
