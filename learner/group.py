@@ -37,6 +37,7 @@ class LearnerGroup:
         try:
             ray.get(self.pg.ready(), timeout=cfg.timeout_s)
         except ray.exceptions.GetTimeoutError as e:
+            ray.util.remove_placement_group(self.pg)  # a pending group would keep claiming what it waits for
             raise RuntimeError(
                 f"learner placement group {bundles} was not placed within {cfg.timeout_s}s: the cluster lacks "
                 "the CPUs/GPUs; lower learner.num_ranks or learner.num_cpus, or add nodes"

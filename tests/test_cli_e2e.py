@@ -304,6 +304,17 @@ def test_critic_free_algorithm_learns_and_flipped_sign_does_not(algorithm, tmp_p
 
 @pytest.mark.slow
 @requires_loopback
+def test_a_dead_engine_past_max_restarts_stops_the_run_naming_it(tmp_path):
+    proc = run_with_fault(tmp_path, "kill-actor:engine:1", "iterations=3", "checkpoint_every=1",
+                          "rollout.max_restarts=0")
+    assert proc.returncode == 1, proc.stderr[-6000:]
+    assert ("engine 0 died during generate of iteration 1 and rollout.max_restarts=0 replacements are used up; "
+            "rerun with --resume to continue from the last checkpoint") in proc.stderr
+    assert [r["iteration"] for r in metrics(tmp_path)] == [0]
+
+
+@pytest.mark.slow
+@requires_loopback
 def test_collective_transport_with_two_engines(tmp_path):
     """Learner rank 0 broadcasts every version over a gloo group it forms with both engines' workers; each worker
     hashes what it received, and the usual on-policy checks hold. An engine killed mid-generate is replaced and the

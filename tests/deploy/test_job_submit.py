@@ -1,5 +1,6 @@
-"""`ray job submit` for real: a Ray head started with `ray start --head` inside the loopback-only namespace, then
-the smoke recipe submitted as a job that SUCCEEDS, a bad job reported FAILED, and a running job stopped."""
+"""`oirl submit` for real: a Ray head started with `ray start --head` inside the loopback-only namespace, then
+the smoke recipe submitted as a job that SUCCEEDS, a bad job reported FAILED (exit 1, with its log), and a job past
+`--timeout` stopped on the cluster (exit 3)."""
 
 import os
 import re
@@ -97,29 +98,31 @@ def test_smoke_job_succeeds(head, tmp_path):
     assert len(rows) == 3
 
 
-def test_failing_job_is_reported_failed(head, tmp_path):
+def oirl_submit(address, env, out, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "oirl.cli", "submit", "--address", address, "--config",
+                           "configs/smoke.yaml", "--out", str(out), "--working-dir", str(REPO_ROOT), *args],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_failing_job_is_reported_failed_with_its_log(head, tmp_path):
+    """`oirl submit` waits, sees the job FAILED, exits 1 and prints the end of the job's log (the reason)."""
     address, env = head
-    proc = subprocess.run([RAY, "job", "submit", "--address", address, "--", "oirl", "train", "--config",
-                           str(REPO_ROOT / "configs" / "smoke.yaml"), "--out", str(tmp_path), "learner.zero_stage=9"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    job_id = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
+    proc = oirl_submit(address, env, tmp_path, "--timeout", "240", "learner.zero_stage=9")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    job_id = re.search(r"raysubmit_\w+", proc.stdout).group(0)
+    assert f"oirl: job {job_id} FAILED" in proc.stdout
     assert job_status(address, env, job_id) == "FAILED"
-    assert "learner.zero_stage=9 must be 0, 1, 2 or 3" in proc.stdout + proc.stderr
+    assert "learner.zero_stage=9 must be 0, 1, 2 or 3" in proc.stderr
 
 
-def test_running_job_can_be_stopped(head):
+def test_a_job_past_the_timeout_is_stopped(head, tmp_path):
+    """`oirl submit --timeout`: a job still running when it runs out is stopped on the cluster, exit code 3."""
     address, env = head
-    proc = subprocess.run([RAY, "job", "submit", "--address", address, "--no-wait", "--", sys.executable, "-c",
-                           "import time; time.sleep(600)"], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    job_id = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
-    deadline = time.time() + 60
-    while job_status(address, env, job_id) != "RUNNING":
-        assert time.time() < deadline, "job never started"
-        time.sleep(1)
-    subprocess.run([RAY, "job", "stop", "--address", address, job_id], env=env, capture_output=True, timeout=120)
-    deadline = time.time() + 60
+    proc = oirl_submit(address, env, tmp_path, "--timeout", "15", "iterations=1000")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    job_id = re.search(r"raysubmit_\w+", proc.stdout).group(0)
+    assert f"oirl: job {job_id} still" in proc.stderr and "after 15.0s; stopping it" in proc.stderr
+    deadline = time.time() + 90
     while (status := job_status(address, env, job_id)) != "STOPPED":
-        assert time.time() < deadline, f"job still {status} after stop"
+        assert time.time() < deadline, f"job still {status} after oirl submit stopped it"
         time.sleep(1)

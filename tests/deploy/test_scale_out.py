@@ -76,13 +76,19 @@ def test_gpu_plan_places_every_role_on_its_group(cluster):
     assert len({node for node, _ in where["learner"]}) == 2
 
 
-def test_a_plan_larger_than_the_cluster_is_not_placed(cluster):
+def test_a_plan_larger_than_the_cluster_fails_clearly_and_frees_its_claim(cluster, tiny_model_path):
+    import dataclasses
+
+    from learner.group import LearnerGroup
+
     cfg = load_config(REPO_ROOT / "configs" / "gpu.yaml", ["learner.num_ranks=8", "learner.num_minibatches=1"],
                       check_paths=False)
-    pg = placement_group(learner_bundles(cfg), strategy="PACK")
-    with pytest.raises(ray.exceptions.GetTimeoutError):
-        ray.get(pg.ready(), timeout=5)
-    ray.util.remove_placement_group(pg)
+    with pytest.raises(RuntimeError, match=r"learner placement group .* was not placed within 5.0s: the cluster "
+                                           "lacks the CPUs/GPUs; lower learner.num_ranks"):
+        LearnerGroup(dataclasses.replace(cfg.learner, timeout_s=5.0), tiny_model_path, "float32", 0, 1.0, "too-big",
+                     micro_batch=1, resources=actor_options(cfg, "learner").get("resources"))
+    (state,) = [g["state"] for g in ray.util.placement_group_table().values() if g["name"] == "oirl-learner-too-big"]
+    assert state == "REMOVED"
 
 
 def test_collective_sync_crosses_nodes(cluster, tiny_model_path):

@@ -6,3 +6,8 @@ import time
 def slow(prompt: str, response: str, reference: str) -> float:
     time.sleep(0.3)
     return float(len(response))
+
+
+def slow_if_asked(prompt: str, response: str, reference: str) -> float:
+    time.sleep(1.0 if "slow" in response else 0.0)
+    return float(len(response))

@@ -192,6 +192,30 @@ def test_a_nan_request_fails_alone_when_batched_with_others(tiny_model_path):
         srv.shutdown()
 
 
+def test_a_request_past_its_timeout_gets_504_and_is_never_scored_late(tiny_model_path):
+    """request_timeout_s: a client waits no longer than that (504), and a request that timed out while queued is
+    dropped by the scorer instead of delaying every request after it."""
+    w = RewardWorker(RewardConfig(kind="none", function="slow_reward:slow_if_asked"), tiny_model_path)
+    srv, url = serve(w, request_timeout_s=0.5, batch_wait_s=0.0)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(call, url, "/score", {"prompts": ["p"], "responses": ["slow A"]})
+            time.sleep(0.2)  # A is being scored (1 s); B waits in the queue behind it
+            second = pool.submit(call, url, "/score", {"prompts": ["p"], "responses": ["slow B"]})
+            for f in (first, second):
+                status, out = f.result()
+                assert status == 504 and "scoring did not finish within 0.5s" in out["error"]
+        time.sleep(1.0)  # A is done by now; B, cancelled, must not take the scorer for another second
+        t0 = time.monotonic()
+        assert call(url, "/score", {"prompts": ["p"], "responses": ["quick"]}) == (200, {"rewards": [5.0]})
+        assert time.monotonic() - t0 < 0.5
+        _, metrics = call(url, "/metrics")
+        values = dict(line.split() for line in metrics.strip().splitlines())
+        assert int(values["oirl_reward_batches_total"]) == 2  # A and the quick one; never B
+    finally:
+        srv.shutdown()
+
+
 def test_http_scoring_never_updates_normalisation_statistics(tiny_model_path):
     w = RewardWorker(RewardConfig(kind="gsm8k", format_bonus=0.5, normalize=True), tiny_model_path)
     w.score_texts(["q"] * 4, ["#### 7", "7", "no", "#### 3"], ["7"] * 4)  # a trainer's batch: moments move
