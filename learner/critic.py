@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from learner import algorithms, ppo
-from learner.models import chunk_inputs, new_value_head, response_hidden, score_in_chunks
+from learner.models import checkpoint_layers, chunk_inputs, new_value_head, response_hidden, score_in_chunks
 from learner.ranks import deepspeed_config
 
 
@@ -106,7 +106,7 @@ def load_value_model(init: str, policy_path: str, dtype: torch.dtype, seed: int,
             head.bias.copy_(score[0].bias if score[0].bias is not None else torch.zeros(1))
     backbone.config.use_cache = False
     if gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(backbone)
     return ValueModel(backbone, head.to(dtype))
 
 

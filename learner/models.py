@@ -64,8 +64,25 @@ def load_policy_lm(model_path: str, dtype: Any, gradient_checkpointing: bool) ->
     lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     lm.config.use_cache = False
     if gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(lm)
     return lm
+
+
+def checkpoint_layers(model: Any) -> None:
+    """Recompute each layer's activations in backward (learner.gradient_checkpointing). transformers checkpoints a
+    layer only in training mode, and from_pretrained leaves a model in eval mode, where the setting silently does
+    nothing; so the model goes to training mode with every dropout at 0, since the learner must score a batch with
+    exactly the function the engine sampled it from."""
+    import torch
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():  # e.g. LlamaAttention.attention_dropout, read in forward
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    model.train()
 
 
 def load_reference(model_path: str, dtype: Any, device: Any) -> Any:
