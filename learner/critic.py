@@ -52,8 +52,9 @@ def check_critic_init(init: str, policy_path: str) -> None:
         return
     from oirl.config import resolve_path
 
-    fix = (f"train one on the policy's backbone (`oirl train-rm --backbone {policy_path} --out DIR`) and set "
-           "learner.critic_init=DIR, or use learner.critic_init=policy")
+    fix = (f"train one on the policy's backbone (`oirl train-rm --data PREFERENCES --backbone {policy_path} --out "
+           "DIR`, preferences from `oirl make-preferences`) and set learner.critic_init=DIR, or use "
+           "learner.critic_init=policy")
     folder = resolve_path(init)
     if not (folder / "config.json").is_file():
         raise ValueError(f"learner.critic_init={init!r} is not 'policy' nor a reward-model folder (no config.json "

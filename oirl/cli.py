@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--config", help="YAML recipe (default: configs/demo.yaml)")
     p_train.add_argument("--out", help="output directory (default: runs/<config name>)")
     p_train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p_train.add_argument("--auto-resume", action="store_true",
+                         help="continue from the last committed checkpoint in --out if there is one, else start: "
+                              "for jobs that are retried (a RayJob's backoffLimit, a preempted node)")
     p_train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded)")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_model = sub.add_parser("prepare-model", help="convert or build the configured model into the cache")
@@ -69,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="upload this directory as the job's code (default: none, the image's code is used)")
     p_sub.add_argument("--no-wait", action="store_true", help="return after submission")
     p_sub.add_argument("--timeout", type=float, default=24 * 3600, help="longest wait for the job, seconds")
+    p_sub.add_argument("--resume", action="store_true", help="the job continues the run in --out (oirl train --resume)")
+    p_sub.add_argument("--auto-resume", action="store_true", help="the job continues the run in --out if it has a "
+                                                                   "committed checkpoint, else starts it")
     p_srv = sub.add_parser("serve-reward", help="serve the configured reward over HTTP (JSON API)")
     p_srv.add_argument("--config")
     p_srv.add_argument("--host", default="127.0.0.1")
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p_pref.add_argument("--out", required=True, help="Parquet file to write")
     p_pref.add_argument("--questions", type=int, default=256)
     p_pref.add_argument("--samples", type=int, default=2, help="samples per question (one wrong one is kept)")
-    p_bench = sub.add_parser("bench", help="run a benchmark (benchmarks/<name>.py); it writes DIR/<name>.json")
+    p_bench = sub.add_parser("bench", help="run a benchmark (benchmarks/<name>.py); it writes its JSON under --out DIR")
     p_bench.add_argument("name", choices=sorted(BENCHMARKS))
     p_bench.add_argument("--out", required=True)
     p_bench.add_argument("--quick", action="store_true", help="a few minutes here (where the benchmark has it)")
@@ -120,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "submit":
         from oirl.submit import submit
 
-        return submit(args.address, args.config, args.out, rest, args.working_dir, not args.no_wait, args.timeout)
+        resume = ["--resume"] * args.resume + ["--auto-resume"] * args.auto_resume
+        return submit(args.address, args.config, args.out, rest, args.working_dir, not args.no_wait, args.timeout,
+                      resume)
     try:
         cfg = load_config(_config_path(args.config), rest, check_paths=args.command == "train")
     except ConfigError as e:
@@ -151,11 +160,24 @@ def main(argv: list[str] | None = None) -> int:
     from oirl.remote import RemoteError
     from oirl.sync import SyncError
 
-    if args.address:
+    if args.address:  # the flag wins over the config's ray_address and the environment
         os.environ["RAY_ADDRESS"] = args.address
+        cfg = dataclasses.replace(cfg, ray_address=args.address)
     out = args.out or str(Path("runs") / Path(_config_path(args.config)).stem)
+    from oirl.checkpoint import read_commit
+
     try:
-        final = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+        committed = read_commit(Path(out) / "checkpoints")
+    except FileNotFoundError as e:
+        print(f"oirl: {e}", file=sys.stderr)
+        return 2
+    if committed is not None and not (args.resume or args.auto_resume):
+        print(f"oirl: {out} holds a run with a committed checkpoint of iteration {committed['iteration']}; starting "
+              "afresh there would overwrite its metrics and checkpoints. Continue it with --resume (or "
+              "--auto-resume), or give another --out", file=sys.stderr)
+        return 2
+    try:
+        final = train(cfg, out, resume=args.resume or committed is not None, progress=not args.no_progress)
     except (DatasetError, FileNotFoundError, ValueError) as e:
         print(f"oirl: {e}", file=sys.stderr)
         return 2
@@ -187,8 +209,6 @@ def _ray_session(address: str = ""):
 
 
 def _train_rm(data: str, out: str, backbone: str, overrides: list[str]) -> int:
-    import dataclasses
-
     from learner.reward_model import PreferenceDataError, RMConfig, train_reward_model
     from oirl.config import parse_overrides
 

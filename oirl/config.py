@@ -379,8 +379,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _check(rw.clip >= 0, f"reward.clip={rw.clip} must be >= 0 (0 disables clipping)")
     if rw.model_path and check_paths:
         _check((resolve_path(rw.model_path) / "config.json").is_file(),
-               f"reward.model_path={rw.model_path!r} is not an HF folder (no config.json); train one with "
-               "`oirl train-rm --out DIR` and point reward.model_path at DIR")
+               f"reward.model_path={rw.model_path!r} is not an HF folder (no config.json); build one with "
+               "`oirl make-preferences --out P.parquet`, then `oirl train-rm --data P.parquet --out DIR`, and point "
+               "reward.model_path at DIR")
     for name, value in (("rollout.timeout_s", r.timeout_s), ("learner.timeout_s", lr.timeout_s),
                         ("reward.timeout_s", rw.timeout_s), ("sync.timeout_s", s.timeout_s)):
         _check(value > 0, f"{name}={value} must be > 0: every remote wait needs a timeout")
@@ -427,5 +428,6 @@ def _validate_critic(cfg: RunConfig, check_paths: bool) -> None:
     if lr.critic_init != "policy" and check_paths:
         _check((resolve_path(lr.critic_init) / "config.json").is_file(),
                f"learner.critic_init={lr.critic_init!r} must be 'policy' or a reward-model folder (config.json "
-               f"not found in {resolve_path(lr.critic_init)}); train one with `oirl train-rm --backbone <the "
-               "policy's model folder> --out DIR` and set learner.critic_init=DIR")
+               f"not found in {resolve_path(lr.critic_init)}); train one with `oirl train-rm --data "
+               "PREFERENCES --backbone <the policy's model folder> --out DIR` (preferences from `oirl "
+               "make-preferences`) and set learner.critic_init=DIR")

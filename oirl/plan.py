@@ -192,6 +192,10 @@ def check_manifest(cfg: Any, manifest: dict, ray_version: str) -> list[str]:
             if _gpu(res, "limits") != _gpu(res, "requests"):
                 problems.append(f"{name}/{gname}/{c.get('name')}: nvidia.com/gpu limits {_gpu(res, 'limits'):g} "
                                 f"!= requests {_gpu(res, 'requests'):g}; set them equal")
+        if any("persistentVolumeClaim" in v for v in pod.get("volumes", [])) and \
+                "fsGroup" not in pod.get("securityContext", {}):
+            problems.append(f"{name}/{gname}: set securityContext.fsGroup (1000, the image's user) so that the "
+                            "pod can write its persistent volume (checkpoints); volumes are root-owned otherwise")
         ray_c = _ray_container(tmpl)
         mounts = {m.get("name"): m.get("mountPath") for m in ray_c.get("volumeMounts", [])}
         if not any(mounts.get(v) == "/dev/shm" for v in shm_volumes):
@@ -230,4 +234,20 @@ def check_manifest(cfg: Any, manifest: dict, ray_version: str) -> list[str]:
                 f"{p.num_gpus:g} GPU) but {g.get('replicas', 0)} replica(s) of ({node_cpu:g} CPU, {node_gpu:g} GPU) "
                 f"hold {capacity if capacity != math.inf else 'any number'}; raise replicas or node size"
             )
-    return problems + auth_problems(manifest)
+    return problems + retry_problems(manifest) + auth_problems(manifest)
+
+
+def retry_problems(manifest: dict) -> list[str]:
+    """A RayJob that retries `oirl train` (backoffLimit > 0) must let each retry continue the run: without
+    --auto-resume a retry starts afresh in the same --out, over the failed attempt's checkpoints."""
+    import shlex
+
+    spec = manifest.get("spec", {})
+    if manifest.get("kind") != "RayJob" or not spec.get("backoffLimit", 0):
+        return []
+    argv = shlex.split(spec.get("entrypoint", ""))
+    if argv[:2] == ["oirl", "train"] and "--auto-resume" not in argv:
+        name = manifest.get("metadata", {}).get("name", "?")
+        return [f"{name}: backoffLimit {spec['backoffLimit']} retries the entrypoint, and each retry would start the "
+                "run afresh; add --auto-resume to `oirl train` (or set backoffLimit: 0)"]
+    return []

@@ -44,7 +44,7 @@ def secret_overrides(overrides: list[str]) -> list[str]:
     return secrets
 
 
-def build_entrypoint(config: str, out: str, overrides: list[str]) -> str:
+def build_entrypoint(config: str, out: str, overrides: list[str], resume: list[str] | None = None) -> str:
     """The job's command line; raises ValueError (naming the key, never the value) for a secret override."""
     secrets = secret_overrides(overrides)
     if secrets:
@@ -53,15 +53,16 @@ def build_entrypoint(config: str, out: str, overrides: list[str]) -> str:
             "it to everyone who can list jobs. Give a reward server's token to the reward actor through the "
             "environment variable named by reward.url_token_env (default OIRL_REWARD_TOKEN) or a file "
             "(reward.url_token_file), e.g. a Kubernetes Secret mounted into the worker pods")
-    return shlex.join(["oirl", "train", "--config", config, "--out", out, "--no-progress", *overrides])
+    return shlex.join(["oirl", "train", "--config", config, "--out", out, "--no-progress", *(resume or []),
+                       *overrides])
 
 
 def submit(address: str, config: str, out: str, overrides: list[str], working_dir: str | None, wait: bool,
-           timeout_s: float) -> int:
+           timeout_s: float, resume: list[str] | None = None) -> int:
     from ray.job_submission import JobSubmissionClient
 
     try:
-        entrypoint = build_entrypoint(config, out, overrides)
+        entrypoint = build_entrypoint(config, out, overrides, resume)
     except ValueError as e:  # a secret override, or a malformed one (ConfigError)
         print(f"oirl: {e}", file=sys.stderr)
         return 2

@@ -175,8 +175,8 @@ class RewardWorker:
             model_dir = str(resolve_path(cfg.model_path))  # as validate() checks it: cwd, else the repository
             if not os.path.isfile(os.path.join(model_dir, "config.json")):
                 raise ValueError(f"reward.model_path={cfg.model_path!r} is not a model folder (no config.json) on "
-                                 "this node; train one with `oirl train-rm --out DIR` and point reward.model_path "
-                                 "at DIR")
+                                 "this node; build one with `oirl make-preferences --out P.parquet`, then `oirl "
+                                 "train-rm --data P.parquet --out DIR`, and point reward.model_path at DIR")
             import torch
             from transformers import AutoModelForSequenceClassification
 

@@ -124,11 +124,13 @@ def test_ppo_learns_the_synthetic_task_and_flipped_sign_does_not(learning_run, t
     assert flipped < 0.02, f"a flipped advantage sign should not learn, but reward rose by {flipped:.3f}"
 
 
-def run_with_fault(out: Path, fault: str, *overrides: str, resume: bool = False,
+def run_with_fault(out: Path, fault: str, *overrides: str, resume: bool | str = False,
                    timeout: int = 600) -> subprocess.CompletedProcess:
-    """The CLI under OIRL_FAULT, in its own session; whatever the driver started is reaped by process group."""
+    """The CLI under OIRL_FAULT, in its own session; whatever the driver started is reaped by process group.
+    resume: True for --resume, or the flag itself (--auto-resume)."""
     cmd = [*oirl_cmd(), "train", "--config", SMOKE, "--out", str(out), "--no-progress", *overrides]
-    proc = subprocess.Popen(cmd + (["--resume"] if resume else []), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+    flag = [resume if isinstance(resume, str) else "--resume"] if resume else []
+    proc = subprocess.Popen(cmd + flag, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=dict(os.environ, OIRL_FAULT=fault))
     try:
@@ -205,8 +207,13 @@ def test_actor_faults_recover_or_fail_clearly(tmp_path):
     rows = metrics(out)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["rollout/engine_restarts"] for r in rows] == [0, 1, 1]
-    proc = run_with_fault(out, spec, *overrides, resume=True)
+    # Without a resume flag the CLI refuses to start afresh over the committed run, before starting anything.
+    proc = run_with_fault(out, spec, *overrides)
+    assert proc.returncode == 2 and "holds a run with a committed checkpoint of iteration 3" in proc.stderr
+    assert [r["iteration"] for r in metrics(out)] == [0, 1, 2]
+    proc = run_with_fault(out, spec, *overrides, resume="--auto-resume")  # as a retried RayJob does
     assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "resumed from" in proc.stderr
     rows = metrics(out)
     assert [r["iteration"] for r in rows] == list(range(5))
     assert [r["rollout/engine_restarts"] for r in rows] == [0, 1, 1, 1, 1]  # the count survives the resume

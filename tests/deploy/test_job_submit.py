@@ -90,10 +90,10 @@ def test_smoke_job_succeeds(head, tmp_path):
     out = tmp_path / "job-out"
     proc = subprocess.run([sys.executable, "-m", "oirl.cli", "submit", "--address", address, "--config",
                            "configs/smoke.yaml", "--out", str(out), "--working-dir", str(REPO_ROOT),
-                           "--timeout", "600", "iterations=3"],
+                           "--timeout", "600", "--auto-resume", "iterations=3"],  # a fresh --out: it starts
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=700)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCEEDED" in proc.stdout
+    assert "SUCCEEDED" in proc.stdout and "--no-progress --auto-resume iterations=3" in proc.stdout
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3
 

@@ -61,6 +61,31 @@ def test_rayjob_runs_the_config_that_was_checked():
     assert spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 0
 
 
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_pods_with_a_volume_must_let_the_image_user_write_it(path):
+    manifest = load(path)
+    pods = [manifest["spec"].get("rayClusterSpec", manifest["spec"])["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in manifest["spec"].get("rayClusterSpec", manifest["spec"])["workerGroupSpecs"]]
+    with_volume = [pod for pod in pods if any("persistentVolumeClaim" in v for v in pod.get("volumes", []))]
+    assert with_volume
+    del with_volume[0]["securityContext"]
+    (problem,) = [p for p in check_manifest(GPU_CFG, manifest, ray.__version__) if "fsGroup" in p]
+    assert "set securityContext.fsGroup (1000, the image's user)" in problem
+
+
+def test_a_retried_rayjob_must_auto_resume():
+    import copy
+
+    job = load(REPO_ROOT / "deploy" / "kuberay" / "rayjob.yaml")
+    assert job["spec"]["backoffLimit"] > 0 and "--auto-resume" in shlex.split(job["spec"]["entrypoint"])
+    starts_over = copy.deepcopy(job)
+    starts_over["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace(" --auto-resume", "")
+    (problem,) = check_manifest(GPU_CFG, starts_over, ray.__version__)
+    assert "backoffLimit 2 retries the entrypoint" in problem and "add --auto-resume" in problem
+    starts_over["spec"]["backoffLimit"] = 0  # never retried: nothing to resume
+    assert check_manifest(GPU_CFG, starts_over, ray.__version__) == []
+
+
 def test_crd_conversion_keeps_kubernetes_semantics():
     schema = crd_json_schema(CRD_DIR / "ray.io_rayclusters.yaml")
     spec = schema["properties"]["spec"]

@@ -65,7 +65,7 @@ def make_bert_rm_folder(path):
      "learner.algorithm=reinforce_pp has no critic"),
     (["learner.critic=separate", "learner.critic_warmup_iterations=4"],
      "learner.critic_warmup_iterations=4 >= iterations=4: the policy would never train"),
-    (["learner.critic=separate", "learner.critic_init=/nonexistent/rm"], "oirl train-rm --backbone"),
+    (["learner.critic=separate", "learner.critic_init=/nonexistent/rm"], "oirl train-rm --data PREFERENCES --backbone"),
 ])
 def test_bad_critic_settings_fail_naming_the_field(overrides, fragment):
     with pytest.raises(ConfigError) as e:
@@ -134,7 +134,7 @@ def test_cli_refuses_an_incompatible_reward_model_before_any_actor(tmp_path):
                            "learner.critic=separate", f"learner.critic_init={rm}"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "is a bert reward model" in proc.stderr and "oirl train-rm --backbone" in proc.stderr
+    assert "is a bert reward model" in proc.stderr and "oirl train-rm --data PREFERENCES --backbone" in proc.stderr
     assert "Ray" not in proc.stderr
 
 
