@@ -73,7 +73,7 @@ def head(tmp_path_factory):
                 p.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=15)
+        _, alive = psutil.wait_procs(procs, timeout=5)
         for p in alive:
             p.kill()
 
@@ -118,10 +118,10 @@ def test_failing_job_is_reported_failed_with_its_log(head, tmp_path):
 def test_a_job_past_the_timeout_is_stopped(head, tmp_path):
     """`oirl submit --timeout`: a job still running when it runs out is stopped on the cluster, exit code 3."""
     address, env = head
-    proc = oirl_submit(address, env, tmp_path, "--timeout", "15", "iterations=1000")
+    proc = oirl_submit(address, env, tmp_path, "--timeout", "8", "iterations=1000")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     job_id = re.search(r"raysubmit_\w+", proc.stdout).group(0)
-    assert f"oirl: job {job_id} still" in proc.stderr and "after 15.0s; stopping it" in proc.stderr
+    assert f"oirl: job {job_id} still" in proc.stderr and "after 8.0s; stopping it" in proc.stderr
     deadline = time.time() + 90
     while (status := job_status(address, env, job_id)) != "STOPPED":
         assert time.time() < deadline, f"job still {status} after oirl submit stopped it"
