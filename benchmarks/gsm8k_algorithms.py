@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in result["variants"]:
             continue
         run_dir = out / name
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short before its result was recorded starts over
         overrides = [*heldout_overrides(args.n), f"iterations={args.iterations}", "checkpoint_every=0",
                      f"model.path={args.model}", *args.set, *VARIANTS[name]]
         subprocess.run([sys.executable, "-m", "oirl.cli", "train", "--config", args.config, "--out", str(run_dir),

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if committed is not None and not (args.resume or args.auto_resume):
         print(f"oirl: {out} holds a run with a committed checkpoint of iteration {committed['iteration']}; starting "
               "afresh there would overwrite its metrics and checkpoints. Continue it with --resume (or "
-              "--auto-resume), or give another --out", file=sys.stderr)
+              "--auto-resume), give another --out, or remove it to start over", file=sys.stderr)
         return 2
     try:
         final = train(cfg, out, resume=args.resume or committed is not None, progress=not args.no_progress)
