@@ -23,6 +23,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Nothing ever waits on a model hub: models come from files or packages. The CLI sets these for itself (unless the
 # user set them) and the embedded Ray cluster passes them to every actor.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# How to build the folder reward.model_path names: the hint of every error about a missing reward model.
+BUILD_REWARD_MODEL = ("build one with `oirl make-preferences --out P.parquet`, then `oirl train-rm --data P.parquet "
+                      "--out DIR`, and point reward.model_path at DIR")
 
 
 # Fields that no longer exist, with what to use instead (their values are never echoed: some were secrets).
@@ -379,9 +382,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _check(rw.clip >= 0, f"reward.clip={rw.clip} must be >= 0 (0 disables clipping)")
     if rw.model_path and check_paths:
         _check((resolve_path(rw.model_path) / "config.json").is_file(),
-               f"reward.model_path={rw.model_path!r} is not an HF folder (no config.json); build one with "
-               "`oirl make-preferences --out P.parquet`, then `oirl train-rm --data P.parquet --out DIR`, and point "
-               "reward.model_path at DIR")
+               f"reward.model_path={rw.model_path!r} is not an HF folder (no config.json); {BUILD_REWARD_MODEL}")
     for name, value in (("rollout.timeout_s", r.timeout_s), ("learner.timeout_s", lr.timeout_s),
                         ("reward.timeout_s", rw.timeout_s), ("sync.timeout_s", s.timeout_s)):
         _check(value > 0, f"{name}={value} must be > 0: every remote wait needs a timeout")

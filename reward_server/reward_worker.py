@@ -170,13 +170,12 @@ class RewardWorker:
         self._url_token = url_token(cfg) if cfg.url else ""  # kept out of cfg, stats() and every message
         self.model = self.rm_tokenizer = None
         if cfg.model_path:
-            from oirl.config import resolve_path
+            from oirl.config import BUILD_REWARD_MODEL, resolve_path
 
             model_dir = str(resolve_path(cfg.model_path))  # as validate() checks it: cwd, else the repository
             if not os.path.isfile(os.path.join(model_dir, "config.json")):
                 raise ValueError(f"reward.model_path={cfg.model_path!r} is not a model folder (no config.json) on "
-                                 "this node; build one with `oirl make-preferences --out P.parquet`, then `oirl "
-                                 "train-rm --data P.parquet --out DIR`, and point reward.model_path at DIR")
+                                 f"this node; {BUILD_REWARD_MODEL}")
             import torch
             from transformers import AutoModelForSequenceClassification
 
