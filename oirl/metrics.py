@@ -41,7 +41,8 @@ class MetricsLogger:
                     continue
                 if row["iteration"] < start_iteration:
                     kept.append(row)
-        if restored_row is not None and all(r["iteration"] != restored_row["iteration"] for r in kept):
+        missing = restored_row is not None and all(r["iteration"] != restored_row["iteration"] for r in kept)
+        if missing:
             kept.append(restored_row)
         if self.path.exists() or kept:
             kept.sort(key=lambda r: r["iteration"])
@@ -52,19 +53,27 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            # TensorBoard's own resume: points at steps >= purge_step that an earlier process wrote (the rows this
+            # run redoes, and a restored row it may have logged before it died) are hidden, not shown twice.
+            purge = restored_row["iteration"] if missing else start_iteration
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge if start_iteration else None)
         except ImportError:  # tensorboard is a declared dependency; keep running if a user removed it
             logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+        if missing and self.tb is not None:
+            self._tensorboard(restored_row)
 
     def log(self, metrics: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(metrics, sort_keys=True) + "\n")
         if self.tb is not None:
-            step = int(metrics["iteration"])
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "iteration":
-                    self.tb.add_scalar(key, value, step)
-            self.tb.flush()
+            self._tensorboard(metrics)
+
+    def _tensorboard(self, metrics: dict[str, Any]) -> None:
+        step = int(metrics["iteration"])
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "iteration":
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:

@@ -70,6 +70,38 @@ def test_metrics_log_restores_the_row_a_kill_lost_and_drops_rows_to_redo(tmp_pat
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows[:1]
 
 
+def tensorboard_points(out, tag="reward/mean"):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return [(e.step, round(e.value, 6)) for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_shows_each_iteration_once_after_a_resume(tmp_path):
+    """A run logs iterations 0-3 and dies; resumed from the checkpoint after iteration 1 it redoes 2 and 3 with
+    other values. TensorBoard must show one point per iteration, the resumed run's (was: 2 and 3 twice)."""
+    first = MetricsLogger(tmp_path)
+    for i in range(4):
+        first.log({"iteration": i, "reward/mean": i / 10})
+    first.close()
+    resumed = MetricsLogger(tmp_path, start_iteration=2, restored_row={"iteration": 1, "reward/mean": 0.1})
+    for i in (2, 3):
+        resumed.log({"iteration": i, "reward/mean": 1 + i})
+    resumed.close()
+    assert tensorboard_points(tmp_path) == [(0, 0.0), (1, 0.1), (2, 3.0), (3, 4.0)]
+
+
+def test_tensorboard_gets_the_restored_row_a_kill_lost(tmp_path):
+    first = MetricsLogger(tmp_path)
+    first.log({"iteration": 0, "reward/mean": 0.0})
+    first.close()  # committed after iteration 1, killed before its row was logged
+    resumed = MetricsLogger(tmp_path, start_iteration=2, restored_row={"iteration": 1, "reward/mean": 0.5})
+    resumed.log({"iteration": 2, "reward/mean": 0.7})
+    resumed.close()
+    assert tensorboard_points(tmp_path) == [(0, 0.0), (1, 0.5), (2, 0.7)]
+
+
 HOLDER = """
 import sys, time
 from oirl.weights import claim_shm, shm_bucket_path
