@@ -101,7 +101,7 @@ class WeightPublisher:
     def _shm_buffer(self, path: str, nbytes: int) -> np.ndarray:
         """A writable mapping of ``path`` of ``nbytes``: a released file of that size in the same directory renamed
         to ``path`` (pages present, mapping kept), else a new file."""
-        from oirl.weights import remove_if_present
+        from oirl.weights import create_shm_file, remove_if_present
 
         size = max(nbytes, 1)
         mapping = None
@@ -123,7 +123,7 @@ class WeightPublisher:
             except FileNotFoundError:  # removed under us (someone cleaned /dev/shm): try the next, or a new file
                 continue
         if mapping is None:
-            mapping = np.memmap(path, dtype=np.uint8, mode="w+", shape=(size,))
+            mapping = create_shm_file(path, size)  # 0600: other users of the node never read the policy
         self.shm_maps[path] = mapping
         return mapping[:nbytes]
 

@@ -65,8 +65,10 @@ def _wait(refs: list[Any], timeout: float, what: str, names: list[str] | None = 
 
 
 def checkpoint_tensors(model_path: str) -> dict[str, tuple[int, ...]] | None:
-    """Name -> shape of every tensor in the model folder's safetensors files (headers only, no data read): the
-    independent count the published weights are checked against. None when the folder has no safetensors."""
+    """Name -> shape of every tensor the learner must publish, from the model folder's safetensors files (headers
+    only, no data read): the independent count the published weights are checked against. A tied head
+    (``tie_word_embeddings`` in the folder's config) is left out whether or not the files hold it: it travels once,
+    as the embedding. None when the folder has no safetensors."""
     from pathlib import Path
 
     from safetensors import safe_open
@@ -79,29 +81,50 @@ def checkpoint_tensors(model_path: str) -> dict[str, tuple[int, ...]] | None:
         with safe_open(str(f), "np") as h:
             for name in h.keys():
                 shapes[name] = tuple(h.get_slice(name).get_shape())
+    if _tied_head(model_path):
+        shapes.pop("lm_head.weight", None)
     return shapes
 
 
-def check_against_checkpoint(update: Any, expected: dict[str, tuple[int, ...]] | None) -> float | None:
-    """Every tensor of the model checkpoint is published exactly once with its shape, and nothing else is.
+def _tied_head(model_path: str) -> bool:
+    """Whether the model's lm_head is its input embedding: the config's ``tie_word_embeddings`` as transformers
+    resolves it (the model class's default when config.json does not say). No config.json: not tied."""
+    from pathlib import Path
 
-    A tied lm_head may be absent from the update (it travels as the embedding). Returns the expected byte count
-    (checkpoint numel x the published dtype's size); raises SyncError naming the first missing, extra or
-    mis-shaped tensor."""
+    if not (Path(model_path) / "config.json").is_file():
+        return False
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(model_path), "tie_word_embeddings", False))
+
+
+def check_against_checkpoint(update: Any, expected: dict[str, tuple[int, ...]] | None) -> float | None:
+    """Every tensor of the model checkpoint (``checkpoint_tensors``: a tied head left out) is published exactly once
+    with its shape and its bytes, and nothing else is.
+
+    Returns the expected byte count, from the checkpoint: each tensor's numel from the safetensors header x the size
+    of the dtype it was published in. Raises SyncError naming the first missing, extra or mis-shaped tensor, a
+    tensor whose bytes are not that many, or buckets that hold another total."""
     if expected is None:
         return None
     from oirl.weights import _DTYPES
 
     metas = {m.name: m for b in update.buckets for m in b.tensors}
-    missing = sorted(set(expected) - set(metas) - ({"lm_head.weight"} if "model.embed_tokens.weight" in metas
-                                                   else set()))
+    missing = sorted(set(expected) - set(metas))
     extra = sorted(set(metas) - set(expected))
     wrong = sorted(n for n in set(metas) & set(expected) if tuple(metas[n].shape) != tuple(expected[n]))
     if missing or extra or wrong:
         raise SyncError(f"version {update.version} does not match the model checkpoint's tensors: missing "
                         f"{missing[:5]}, unexpected {extra[:5]}, wrong shape {wrong[:5]}; the learner publishes "
                         "names the engines cannot load")
-    total = sum(int(np.prod(m.shape)) * _DTYPES[m.dtype].itemsize for m in metas.values())
+    sizes = {n: int(np.prod(shape, dtype=np.int64)) * _DTYPES[metas[n].dtype].itemsize
+             for n, shape in expected.items()}
+    short = sorted(n for n in sizes if metas[n].nbytes != sizes[n])
+    if short:
+        n = short[0]
+        raise SyncError(f"version {update.version}: {n} is published as {metas[n].nbytes} bytes but the checkpoint's "
+                        f"{list(expected[n])} {metas[n].dtype} needs {sizes[n]} ({len(short)} tensors differ)")
+    total = sum(sizes.values())
     if total != update.nbytes:
         raise SyncError(f"version {update.version}: buckets hold {update.nbytes} bytes but their tensors need {total}")
     return float(total)

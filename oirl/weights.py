@@ -14,6 +14,7 @@ Transports (chosen by ``sync.transport``):
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import xxhash
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
                                torch.int32, torch.uint8, torch.bool)}
@@ -129,6 +132,10 @@ def fingerprint(buckets: list[Bucket], buffers: list[np.ndarray]) -> str:
 # an flock on /dev/shm/oirl-<run_id>.lock; the kernel drops the lock when that process dies in any way (kill -9
 # included), so a later start can tell a dead run's leftovers (a full model copy per version, which on KubeRay fills
 # the in-memory volume) from a live run's files and remove only the former.
+#
+# /dev/shm may be shared by several users of the node: every file oirl creates there is created 0600 (the policy's
+# weights are not for other users to read; a chmod after creation would leave a window), and the cleaner looks only
+# at files its own user owns (another user's run is theirs to clean, and its 0600 lock cannot even be opened).
 
 
 def shm_bucket_path(shm_dir: str, run_id: str, version: int, index: int) -> str:
@@ -153,8 +160,30 @@ def claim_shm(shm_dir: str, run_id: str) -> int:
     return fd
 
 
+def create_shm_file(path: str, nbytes: int) -> np.memmap:
+    """A new file of ``nbytes`` (at least 1) at ``path``, private to its owner from its creation (0600), mapped
+    writable. A leftover of ours at that path is removed first: an engine that still maps it keeps its pages."""
+    remove_if_present(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "r+b") as f:  # the mapping outlives the file object
+        return np.memmap(f, dtype=np.uint8, mode="r+", shape=(max(nbytes, 1),))
+
+
+def _ours(path: str) -> bool:
+    """Whether this process's user owns ``path`` (False when it is gone); other users' files are left alone."""
+    try:
+        uid = os.lstat(path).st_uid
+    except FileNotFoundError:
+        return False
+    if uid != os.geteuid():
+        logger.debug("leaving %s alone: owned by uid %d, not by this process's uid %d", path, uid, os.geteuid())
+        return False
+    return True
+
+
 def clean_stale_shm(shm_dir: str, own_run_id: str = "") -> list[str]:
-    """Remove the bucket files (and lock) of every run whose lock nobody holds; returns the removed paths."""
+    """Remove the bucket files (and lock) of every run of this user whose lock nobody holds; returns the removed
+    paths. Files another user owns are skipped, whatever their state."""
     import fcntl
     import glob
 
@@ -163,11 +192,12 @@ def clean_stale_shm(shm_dir: str, own_run_id: str = "") -> list[str]:
     dead: set[str] = set()
     for lock in glob.glob(os.path.join(shm_dir, "oirl-*.lock")):
         run = os.path.basename(lock)[len("oirl-"): -len(".lock")]
-        if run in live:
+        if run in live or not _ours(lock):
             continue
         try:
             fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:
+        except OSError as e:  # gone meanwhile, or not ours to open after all (replaced under us)
+            logger.debug("skipping %s: %s", lock, e)
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -180,7 +210,7 @@ def clean_stale_shm(shm_dir: str, own_run_id: str = "") -> list[str]:
             os.close(fd)
     for path in glob.glob(os.path.join(shm_dir, "oirl-*-v*-b*.bin")):
         run = os.path.basename(path)[len("oirl-"):].rsplit("-v", 1)[0]
-        if run not in live:  # dead, or no lock at all (a run never writes buckets before it holds its lock)
+        if run not in live and _ours(path):  # dead, or no lock at all (never buckets before the lock)
             _unlink(path, removed)
     return removed
 
