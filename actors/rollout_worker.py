@@ -18,60 +18,66 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from oirl.bounds import bounds
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    num_engines: int = 1
+    num_engines: int = field(default=1, metadata=bounds(ge=1))
     """Number of vLLM engines (one Ray actor each)."""
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = field(default=4, metadata=bounds(ge=1))
     """Samples generated per prompt (n)."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = field(default=64, metadata=bounds(ge=1))
     """Maximum generated tokens per sample."""
-    temperature: float = 1.0
+    temperature: float = field(default=1.0, metadata=bounds(gt=0, why="PPO needs a stochastic policy"))
     """Sampling temperature; the learner scores with the same temperature."""
-    top_p: float = 1.0
+    top_p: float = field(default=1.0, metadata=bounds(ge=1, le=1, why=(
+        "nucleus sampling truncates the distribution the engine samples from, but the learner scores the full one, "
+        "so PPO's ratios and the on-policy check would be wrong; set rollout.top_p=1.0 (lower rollout.temperature "
+        "to sharpen sampling)")))
     """Nucleus sampling. Must stay 1.0: the learner scores the full distribution, so a truncated one would make
     the PPO ratios and the on-policy check wrong (rejected at start-up)."""
-    top_k: int = -1
+    top_k: int = field(default=-1, metadata=bounds(ge=-1, le=0, why=(
+        "top-k truncates the sampling distribution (see rollout.top_p); set rollout.top_k=-1 (off)")))
     """Top-k sampling; must stay -1 (off) for the same reason as top_p."""
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: float = field(default=1.0, metadata=bounds(gt=0))
     """KV cache per engine on CPU (VLLM_CPU_KVCACHE_SPACE); without it vLLM reserves most of RAM."""
-    gpu_memory_utilization: float = 0.4
+    gpu_memory_utilization: float = field(default=0.4, metadata=bounds(gt=0, le=1))
     """Fraction of GPU memory an engine may use (GPU only)."""
     cpu_threads_bind: str = "auto"
     """VLLM_CPU_OMP_THREADS_BIND: 'auto', a core range like '0-1', or 'nobind'."""
-    cpu_threads: int = 0
+    cpu_threads: int = field(default=0, metadata=bounds(ge=0, why="0 chooses (see the field's docstring)"))
     """OpenMP threads a CPU engine computes with. 0: every core of the node when strictly on-policy (the learner
     waits while the engine generates, so its cores would idle), else max(1, num_cpus). Ray sets OMP_NUM_THREADS to
     the actor's num_cpus, which alone held the engine to one core: 0.58x of the same engine outside Ray. Several
     engines on one node: give each its share of the cores."""
     in_process_engine: bool = True
     """Run the engine inside the actor process (fast start on CPU); false = vLLM's own engine processes."""
-    num_cpus: float = 1.0
+    num_cpus: float = field(default=1.0, metadata=bounds(ge=0))
     """Ray CPUs reserved per engine actor."""
-    num_gpus: float = 0.0
+    num_gpus: float = field(default=0.0, metadata=bounds(ge=0))
     """Ray GPUs per engine actor (1 on GPU clusters)."""
     cuda_graphs: bool = True
     """GPU engines capture CUDA graphs (vLLM's default, much faster decoding); false = eager. CPU engines always
     run eager."""
-    max_num_seqs: int = 64
+    max_num_seqs: int = field(default=64, metadata=bounds(ge=1))
     """vLLM scheduler batch limit."""
-    timeout_s: float = 900.0
+    timeout_s: float = field(default=900.0, metadata=bounds(gt=0, why="every remote wait needs a timeout"))
     """Longest wait for one generate call before the driver fails the iteration."""
-    async_steps: int = 0
+    async_steps: int = field(default=0, metadata=bounds(ge=0, le=1, why="0 (on-policy) or 1 (one-step-off)"))
     """0: strictly on-policy (iteration k samples with version k). 1: one-step-off: the batch of k+1 is generated
     with version k while the learner trains on batch k (importance-corrected, learner.importance_cap)."""
     ignore_eos: bool = False
     """Benchmark mode: every sample runs to max_new_tokens, so systems compared side by side do equal work."""
-    max_restarts: int = 2
+    max_restarts: int = field(default=2, metadata=bounds(ge=0, why="0: no replacement"))
     """Engines that die mid-generate are replaced (synced to the current version, shard regenerated with the same
     seeds) up to this many times per run; then the run stops and names the engine."""
 
@@ -82,29 +88,33 @@ class SyncConfig:
     """'shm' (/dev/shm files; engines on the learner's node), 'object_store' (Ray objects), 'collective' (learner
     rank 0 broadcasts over a torch.distributed group with the engines' workers: gloo on CPU, NCCL on GPU), or
     'auto' (shm when every engine shares learner rank 0's node, else collective)."""
-    bucket_mb: int = 256
+    bucket_mb: int = field(default=256, metadata=bounds(ge=1))
     """Largest bucket of packed weights, in MiB."""
     shm_reuse: bool = True
     """shm transport: keep a version's /dev/shm files once every engine has loaded it and write the next version
     into them (no page faults: packing 538 MB went from 0.34 s to a memcpy's ~0.03 s). It keeps one model copy in
     /dev/shm between syncs, which a sync needs at its peak anyway; false frees it after each sync."""
-    canary_tolerance: float = 1e-3
+    canary_tolerance: float = field(default=1e-3, metadata=bounds(gt=0))
     """Max |engine logprob - learner logprob| on the canary tokens after a sync (fp32)."""
-    canary_samples: int = 2
+    canary_samples: int = field(default=2, metadata=bounds(
+        ge=1, why="a canary of no sample compares nothing; turn the canary off with sync.canary_every=0"))
     """Samples of the last batch re-scored by every engine after a sync."""
-    canary_every: int = 1
-    """Run the canary at the first sync and then at every N-th version (1: every sync; 0: never). The canary takes
+    canary_every: int = field(default=1, metadata=bounds(ge=0, why="0: never, 1: every sync"))
+    """Run the canary at the first sync and then at every N-th version (1: every sync; 0: never; one-step-off
+    mode, rollout.async_steps=1, runs it at every sync whatever this says: there the on-policy check cannot
+    compare the rows, sampled by a version the learner no longer holds). The canary takes
     ~2 s per sync at 135M on 2 cores; in strict on-policy mode the next iteration's on-policy check compares every
     sampled token anyway, so a recipe may space the canary out (the fingerprint check runs at every sync)."""
-    on_policy_tolerance: float = 1e-3
+    on_policy_tolerance: float = field(default=1e-3, metadata=bounds(gt=0))
     """Per-token |engine logprob - learner logprob| allowed on the sampled tokens, checked every iteration over
     every response token of every rank (fp32: ~1e-5 is typical; bf16 needs ~0.05-0.1)."""
-    on_policy_max_frac: float = 0.0
+    on_policy_max_frac: float = field(default=0.0, metadata=bounds(
+        ge=0, lt=1, why="1 would let every token fail"))
     """Fraction of response tokens allowed beyond on_policy_tolerance (bf16: a small fraction of low-probability
     tokens may exceed it without anything being wrong)."""
     on_policy_action: str = "error"
     """What a failed on-policy check does: 'error' (stop; the engines do not serve the learner's policy) or 'warn'."""
-    timeout_s: float = 300.0
+    timeout_s: float = field(default=300.0, metadata=bounds(gt=0, why="every remote wait needs a timeout"))
     """Longest wait for one engine to load a version."""
 
 
@@ -197,10 +207,14 @@ class RolloutWorker:
                 rows["lp"].append([step[t].logprob for step, t in zip(c.logprobs, tokens)])
                 rows["finish"].append(c.finish_reason or "length")
         return with_generate_seconds(make_rollout_batch(rows["pid"], rows["idx"], rows["prompt"], rows["resp"],
-                                                        rows["lp"], rows["finish"], self.version), seconds)
+                                                        rows["lp"], rows["finish"], self.version,
+                                                        self.engine_index), seconds)
 
-    def load_weights(self, update: Any, timeout_s: float = 300.0) -> dict:
+    def load_weights(self, update: Any, timeout_s: float = 300.0, fault_skip_reload: bool = False) -> dict:
         """Receive version k+1: fetch the buckets, reload them in place, reset the prefix cache.
+
+        fault_skip_reload: OIRL_FAULT=stale-engine (oirl/faults.py): the worker receives and hashes the buckets
+        but does not reload them, and reports success: the silent stale-weights failure the checks must catch.
 
         update: oirl.weights.WeightUpdate; each bucket.location is a /dev/shm path (shm) or an ObjectRef
         (object_store: zero-copy from the node's object store, fetched by Ray across nodes). The engine's worker
@@ -224,7 +238,8 @@ class RolloutWorker:
             if not self.cfg.in_process_engine:
                 arrays = [bytes(a) for a in arrays]  # crosses vLLM's msgpack RPC
         t_fetch = time.perf_counter()
-        reports = self._reload([bucket_to_wire(b) for b in update.buckets], arrays, update.version)
+        reports = self._reload([bucket_to_wire(b) for b in update.buckets], arrays, update.version,
+                               fault_skip_reload)
         self.llm.reset_prefix_cache()
         for report in reports:
             if report["fingerprint"] != update.fingerprint:
@@ -272,9 +287,10 @@ class RolloutWorker:
         """The engine's worker joins the collective transport's group as ``rank`` (tensor parallel 1: one worker)."""
         self.llm.collective_rpc("oirl_join_group", args=(master_ip, master_port, rank, world, timeout_s))
 
-    def _reload(self, wire: list[dict], arrays: list[Any] | None, version: int) -> list[dict]:
+    def _reload(self, wire: list[dict], arrays: list[Any] | None, version: int,
+                fault_skip_reload: bool = False) -> list[dict]:
         """Every worker of the engine hashes and loads the buckets (actors/vllm_extension.py)."""
-        return self.llm.collective_rpc("oirl_reload", args=(wire, arrays, version))
+        return self.llm.collective_rpc("oirl_reload", args=(wire, arrays, version, fault_skip_reload))
 
     def served(self) -> dict:
         """Version and fingerprint as reported by the engine's worker itself (not the actor's bookkeeping)."""

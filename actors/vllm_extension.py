@@ -45,7 +45,8 @@ class WeightReceiver:
             out.append(t.cpu().numpy())
         return out
 
-    def oirl_reload(self, buckets: list[Any], arrays: list[Any] | None, version: int) -> dict:
+    def oirl_reload(self, buckets: list[Any], arrays: list[Any] | None, version: int,
+                    fault_skip_reload: bool = False) -> dict:
         """Hash, then load every bucket in one reload call (vLLM's layerwise reload expects the full set at once).
 
         buckets: oirl.weights.bucket_to_wire() of each bucket; arrays: one uint8 buffer (or bytes) per bucket, or
@@ -55,6 +56,9 @@ class WeightReceiver:
         The fingerprint is computed here, in the worker's process, over the very buffers handed to the reload, and
         nothing else: it is never taken from the caller, so a bucket corrupted anywhere on its way (transport,
         actor, RPC, a file rewritten under the mapping) shows up as a mismatch in the driver's served check.
+
+        fault_skip_reload (OIRL_FAULT=stale-engine): everything as usual but the reload itself, then report
+        success: the fingerprint cannot see it (the bytes arrived intact); the logprob checks must.
         """
         from oirl.weights import bucket_from_wire, fingerprint, unpack_bucket
 
@@ -67,7 +71,8 @@ class WeightReceiver:
         computed = fingerprint(buckets, buffers)
         t_hash = time.perf_counter()
         named = itertools.chain.from_iterable(unpack_bucket(b, buf) for b, buf in zip(buckets, buffers))
-        self.model_runner.reload_weights(weights_iterator=_with_tied_head(named))
+        if not fault_skip_reload:
+            self.model_runner.reload_weights(weights_iterator=_with_tied_head(named))
         self.oirl_version = version
         self.oirl_fingerprint = computed
         return {"version": version, "fingerprint": computed, "verify_s": t_hash - t0,

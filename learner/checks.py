@@ -12,17 +12,41 @@ from typing import Any
 from learner.ranks import allreduce
 
 
-def on_policy_stats(data: dict[str, Any], mask: Any, tolerance: float, device: Any) -> dict:
+def on_policy_stats(data: dict[str, Any], mask: Any, tolerance: float, device: Any, engines: Any = None,
+                    num_engines: int = 1) -> dict:
     """|learner - engine| logprob of every sampled response token under ``mask`` [B, R], over every rank: the
-    primary on-policy check (the engine sampled these tokens; the learner must give them the same probability)."""
-    diff = (data["old_logprobs"] - data["engine_logprobs"]).abs() * mask
-    (worst,) = allreduce([diff.max().item() if mask.numel() else 0.0], device, op="max")
-    total, over, n_tok = allreduce([diff.sum().item(), ((diff > tolerance) * mask).sum().item(), mask.sum().item()],
-                                   device)
+    primary on-policy check (the engine sampled these tokens; the learner must give them the same probability).
+
+    engines [B] (int): the engine that generated each of this rank's rows, in [0, num_engines) (num_engines from
+    the whole batch, so every rank reduces lists of one length), so a failed check names the engine
+    (``{key}_engine<i>_frac_over_tol``). A non-finite logprob on either side is counted (``{key}_nonfinite``) and
+    kept out of the other statistics: a NaN would otherwise vanish in a MAX all-reduce and compare as "not over
+    tolerance". Nothing to compare (no row of this iteration's version: one-step-off) reports only
+    ``{key}_tokens_checked = 0``, never a difference of 0."""
+    import torch
+
     key = "rollout/engine_learner_logprob"
-    return {f"{key}_max_abs_diff": worst, f"{key}_mean_abs_diff": total / max(n_tok, 1.0),
-            f"{key}_frac_over_tol": over / max(n_tok, 1.0), f"{key}_tolerance": tolerance,
-            f"{key}_tokens_checked": n_tok}
+    raw = data["old_logprobs"] - data["engine_logprobs"]
+    finite = torch.isfinite(data["old_logprobs"]) & torch.isfinite(data["engine_logprobs"])
+    diff = torch.where(finite, raw, torch.zeros_like(raw)).abs() * mask
+    over_tok = (diff > tolerance) * mask
+    if engines is None:
+        engines = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+    per_engine = [v for e in range(num_engines) for v in (over_tok[engines == e].sum().item(),
+                                                          mask[engines == e].sum().item())]
+    sums = allreduce([diff.sum().item(), over_tok.sum().item(), mask.sum().item(),
+                      ((~finite) * mask).sum().item(), *per_engine], device)
+    total, over, n_tok, nonfinite = sums[:4]
+    (worst,) = allreduce([diff.max().item() if mask.numel() else 0.0], device, op="max")
+    if n_tok == 0:
+        return {f"{key}_tokens_checked": 0.0}
+    out = {f"{key}_max_abs_diff": worst, f"{key}_mean_abs_diff": total / n_tok, f"{key}_frac_over_tol": over / n_tok,
+           f"{key}_tolerance": tolerance, f"{key}_tokens_checked": n_tok, f"{key}_nonfinite": nonfinite}
+    for e in range(num_engines):
+        e_over, e_tok = sums[4 + 2 * e], sums[5 + 2 * e]
+        if e_tok:
+            out[f"{key}_engine{e}_frac_over_tol"] = e_over / e_tok
+    return out
 
 
 def importance_weights(data: dict[str, Any], mask: Any, cap: float, device: Any) -> dict:

@@ -136,6 +136,7 @@ class LearnerWorker(WeightPublisher):
         and the engine/learner logprob comparison over every rank (on_policy_tolerance: per-token |diff| counted as
         over; it is enforced on the rows of this iteration's version, the stale rows of one-step-off mode are
         importance-weighted instead: importance_cap > 0)."""
+        import pyarrow.compute as pc
         import torch
 
         from learner import checks, ppo
@@ -185,10 +186,18 @@ class LearnerWorker(WeightPublisher):
         d["advantages"] = -adv if c.flip_advantage_sign else adv
         if d["old_values"] is None:
             d["old_values"] = torch.zeros_like(d["old_logprobs"])  # critic-free: reported as 0
-        versions = torch.from_numpy(batch.take(rows).column("policy_version").to_numpy()).to(dev)
+        mine = batch.take(rows)
+        versions = torch.from_numpy(mine.column("policy_version").to_numpy()).to(dev)
+        # Rows of this iteration's version only: one-step-off rows were sampled by the version before, which
+        # this learner no longer holds (the driver's canary compares every version at its sync instead).
         self.check_mask = (versions == iteration).to(mask.dtype).unsqueeze(-1) * mask
         self.on_policy_tolerance = on_policy_tolerance
-        stats = {} if self.fused else checks.on_policy_stats(d, self.check_mask, on_policy_tolerance, dev)
+        engine_col = "engine_index" if "engine_index" in batch.column_names else None  # older prefetched batches
+        self.check_engines = (torch.from_numpy(mine.column(engine_col).to_numpy().astype(np.int64)).to(dev)
+                              if engine_col else None)
+        self.num_engines = int(pc.max(batch.column(engine_col)).as_py() or 0) + 1 if engine_col else 1
+        stats = {} if self.fused else checks.on_policy_stats(d, self.check_mask, on_policy_tolerance, dev,
+                                                            self.check_engines, self.num_engines)
         d.pop("is_weights", None)
         if importance_cap > 0:
             stats.update(checks.importance_weights(d, mask, importance_cap, dev))
@@ -226,6 +235,7 @@ class LearnerWorker(WeightPublisher):
                 denominator = (n_tok if cfg.loss_aggregation == "token_mean" else n_seq) / self.world
                 keys = ("pg", "vl", "clipped", "approx_kl", "ent")
                 local = dict.fromkeys(keys, 0.0)  # this rank's masked sums over the mini-batch
+                pg_loss = 0.0  # this rank's share of the policy loss, aggregated as the loss is (loss_aggregation)
                 if self.critic is not None:
                     t_len = int(d["attention_mask"][mb].sum(1).max())
                     local["vl"] = ppo.masked_sum(self.critic.train_step(d, mb, t_len, denominator), mask).item()
@@ -249,9 +259,10 @@ class LearnerWorker(WeightPublisher):
                             with torch.no_grad():
                                 ent = parts["ent"] if cfg.entropy_coef else ppo.entropy_from_logits(logits)
                                 ent_sum += ppo.masked_sum(ent, m).item()
-                        self.engine.backward(algorithms.aggregate(per_token, m, cfg.loss_aggregation,
-                                                                  denominator=denominator,
-                                                                  token_norm=float(max(cfg.max_new_tokens, 1))))
+                        agg = {"mode": cfg.loss_aggregation, "denominator": denominator,
+                               "token_norm": float(max(cfg.max_new_tokens, 1))}
+                        self.engine.backward(algorithms.aggregate(per_token, m, **agg))
+                        pg_loss += algorithms.aggregate(parts["pg"], m, **agg).item()
                         parts["approx_kl"] = d["old_logprobs"][rows] - logp.detach()
                         with torch.no_grad():
                             for k in keys:
@@ -259,11 +270,13 @@ class LearnerWorker(WeightPublisher):
                                     local[k] += ppo.masked_sum(parts[k], m).item()
                     if self.fused:  # before the (only) step: every token of every rank vs the engine's
                         fused_stats = checks.on_policy_stats(d, self.check_mask, self.on_policy_tolerance,
-                                                             self.device)
+                                                             self.device, self.check_engines, self.num_engines)
                     self.engine.step()
-                for key, val in zip(("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy"),
-                                    self._allreduce([local[k] for k in keys])):
+                sums = self._allreduce([local[k] for k in keys] + [pg_loss])
+                for key, val in zip(("policy_loss_token_mean", "value_loss", "clipfrac", "approx_kl", "entropy"), sums):
                     totals[key] = totals.get(key, 0.0) + val / n_tok
+                # Each rank's share is over global count / world (DeepSpeed averages the gradients): / world
+                totals["policy_loss"] = totals.get("policy_loss", 0.0) + sums[-1] / self.world
                 norms = {"grad_norm": None if warmup else self.engine.get_global_grad_norm()}
                 if self.critic is not None:
                     norms["critic_grad_norm"] = self.critic.engine.get_global_grad_norm()

@@ -9,6 +9,7 @@
 | response_logprobs    | list<float32>  | rollout          | engine logprob of each generated id [R_i]            |
 | finish_reason        | string         | rollout          | 'stop' or 'length'                                   |
 | policy_version       | int64          | rollout          | weights version the engine served                    |
+| engine_index         | int32          | rollout          | which engine generated the row (checks name it)      |
 | reference            | string         | driver           | reference answer of the prompt ('' when none)        |
 | reward               | float32        | reward actor     | scalar reward of the whole response                  |
 
@@ -36,6 +37,7 @@ ROLLOUT_SCHEMA = pa.schema(
         ("response_logprobs", pa.list_(pa.float32())),
         ("finish_reason", pa.string()),
         ("policy_version", pa.int64()),
+        ("engine_index", pa.int32()),
     ]
 )
 
@@ -57,6 +59,7 @@ def make_rollout_batch(
     response_logprobs: Sequence[Sequence[float]],
     finish_reasons: Sequence[str],
     policy_version: int,
+    engine_index: int = 0,
 ) -> pa.Table:
     n = len(prompt_ids)
     for name, col in (("sample_indices", sample_indices), ("prompt_token_ids", prompt_token_ids),
@@ -74,6 +77,7 @@ def make_rollout_batch(
             _list_column(response_logprobs, pa.float32(), np.float32),
             pa.array(finish_reasons, type=pa.string()),
             pa.array(np.full(n, policy_version, dtype=np.int64)),
+            pa.array(np.full(n, engine_index, dtype=np.int32)),
         ],
         schema=ROLLOUT_SCHEMA,
     )

@@ -173,7 +173,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             dataset.load_state(committed["data"])
             if committed.get("prefetched"):  # async: the batch that was in flight, stored with the checkpoint
                 ahead = pq.read_table(ckpt_dir / committed["tag"] / PREFETCHED)
-            sync(pool.engines, start)  # engines serve version `start`
+            # Engines serve version `start`; one-step-off compares it now (see the canary at the sync below).
+            sync(pool.engines, start, ahead.slice(0, cfg.sync.canary_samples) if r.async_steps and ahead is not None else None)
             logger.info("resumed from %s (%s) at iteration %d", ckpt_dir, committed["tag"], start)
 
         metrics_log = MetricsLogger(out, start, restored_row)
@@ -205,20 +206,25 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             with timed(timings, "prepare"):  # old + reference logprobs, values, KL-shaped rewards, GAE
                 prep = learner_phase(learner, "prepare", it, ray.put(batch), it, cfg.sync.on_policy_tolerance,
                                      cfg.learner.importance_cap if r.async_steps else 0.0)
-                checked = check_on_policy(prep, cfg.sync, it)
+                verdict = check_on_policy(prep, cfg.sync, it)
 
             with timed(timings, "update"):
                 upd = learner_phase(learner, "update", it)
                 newest = it + 1
-            if not checked:  # learner.old_logprobs=update: the update's own forward scored the batch, before its step
-                check_on_policy(upd, cfg.sync, it, required=True)
+            if verdict == "deferred":  # learner.old_logprobs=update: the update's forward scored the batch first
+                verdict = check_on_policy(upd, cfg.sync, it, required=True)
 
             if nxt is not None:
                 with timed(timings, "generate_wait"):  # engines load new weights between generations, never during
                     ahead = finish(nxt)
 
             with timed(timings, "sync"):  # publish version it+1 to every engine, verified
-                canary = batch.slice(0, cfg.sync.canary_samples) if canary_due(it + 1, cfg.sync.canary_every) else None
+                # One-step-off: the next batch is sampled by the version published now, and no on-policy check can
+                # compare it later (the learner will have moved on), so this version is compared now, at every sync.
+                # Likewise after an iteration with nothing to compare.
+                must = bool(r.async_steps) or verdict == "not_checked"
+                canary = (batch.slice(0, cfg.sync.canary_samples)
+                          if must or canary_due(it + 1, cfg.sync.canary_every) else None)
                 sync_stats = sync(pool.engines, it + 1, canary, it)
                 served = it + 1
 
@@ -236,6 +242,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
 
             timings["timing_s/iteration"] = time.perf_counter() - t_iter
             last = iteration_metrics(it, batch, rewards, timings, prep, upd, sync_stats, memory,
+                                     {"rollout/on_policy_checked": float(verdict == "passed")},
                                      engine_restarts=restarts_before + pool.restarts)
             if save:
                 checkpoint.commit(ckpt_dir, tag, {"iteration": it + 1, "data": dataset.state(), "run_id": run_id,

@@ -4,6 +4,10 @@
     OIRL_FAULT=kill-actor:<role>:<iteration>   kill one actor in the middle of its phase of <iteration>:
                                                engine -> engine 0 mid-generate, learner -> the last learner rank
                                                mid-update, reward -> the reward actor mid-score
+    OIRL_FAULT=stale-engine:<iteration>        at the sync after <iteration>, every engine's worker receives and
+                                               hashes the new weights but skips the reload, and reports success:
+                                               the silent stale-weights failure; the logprob checks (the on-policy
+                                               check, the canary) must stop the run within the next iteration
 
 Phases: generate, reward, prepare, update, sync, checkpoint. "In the middle" means after the phase's remote calls
 were submitted (sync: after the learner exported the buckets, before the engines loaded them; checkpoint: after
@@ -29,8 +33,8 @@ ROLE_PHASE = {"engine": "generate", "learner": "update", "reward": "reward"}
 
 @dataclass(frozen=True)
 class Fault:
-    action: str  # 'kill' (the driver) or 'kill-actor'
-    target: str  # a phase for 'kill', a role for 'kill-actor'
+    action: str  # 'kill' (the driver), 'kill-actor' or 'stale-engine'
+    target: str  # a phase for 'kill', a role for 'kill-actor', 'engine' for 'stale-engine'
     iteration: int
 
 
@@ -40,14 +44,16 @@ def parse(spec: str) -> list[Fault]:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         fields = part.split(":")
         ok = len(fields) == 3 and fields[2].lstrip("-").isdigit()
-        if ok and fields[0] == "kill" and fields[1] in PHASES:
+        if len(fields) == 2 and fields[0] == "stale-engine" and fields[1].isdigit():
+            faults.append(Fault("stale-engine", "engine", int(fields[1])))
+        elif ok and fields[0] == "kill" and fields[1] in PHASES:
             faults.append(Fault("kill", fields[1], int(fields[2])))
         elif ok and fields[0] == "kill-actor" and fields[1] in ROLE_PHASE:
             faults.append(Fault("kill-actor", fields[1], int(fields[2])))
         else:
             raise ValueError(f"OIRL_FAULT={spec!r}: cannot read {part!r}; use kill:<phase>:<iteration> with phase "
                              f"in {', '.join(PHASES)}, or kill-actor:<role>:<iteration> with role in "
-                             f"{', '.join(ROLE_PHASE)}")
+                             f"{', '.join(ROLE_PHASE)}, or stale-engine:<iteration>")
     return faults
 
 
@@ -92,3 +98,12 @@ def point(phase: str, iteration: int) -> None:
 def actor_to_kill(role: str, iteration: int) -> bool:
     """True when OIRL_FAULT asks to kill the actor of ``role`` during ``iteration`` (the driver does the killing)."""
     return any(_fire(f) for f in _matching("kill-actor", role, iteration))
+
+
+def stale_engine(iteration: int) -> bool:
+    """True when OIRL_FAULT asks every engine to skip the reload of the sync after ``iteration`` (and report
+    success anyway)."""
+    fired = any(_fire(f) for f in _matching("stale-engine", "engine", iteration))
+    if fired:
+        logger.warning("OIRL_FAULT: every engine skips the reload of the sync after iteration %d", iteration)
+    return fired

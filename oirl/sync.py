@@ -142,7 +142,8 @@ def sync_weights(learner: Any, engines: list[Any], version: int, cfg: Any, trans
         expected_bytes = check_against_checkpoint(update, expected)
         if iteration is not None:
             faults.point("sync", iteration)
-        refs = [e.load_weights.remote(update, cfg.timeout_s) for e in engines]
+        stale = iteration is not None and faults.stale_engine(iteration)  # OIRL_FAULT=stale-engine: a drill
+        refs = [e.load_weights.remote(update, cfg.timeout_s, stale) for e in engines]
         names = [f"engine {i}" for i in range(len(engines))]
         if transport == "collective":  # the engines wait in the broadcast that learner rank 0 now starts
             bcast = learner.submit("broadcast_weights", version, cfg.timeout_s)
@@ -174,6 +175,7 @@ def sync_weights(learner: Any, engines: list[Any], version: int, cfg: Any, trans
         t_canary = time.perf_counter()
         stats["sync/logprob_max_abs_diff"] = canary_check(learner, engines, canary, cfg)
         stats["sync/canary_s"] = time.perf_counter() - t_canary
+        stats["sync/canary_tokens"] = float(sum(len(r) for r in canary.column("response_token_ids").to_pylist()))
     return stats
 
 
@@ -226,28 +228,41 @@ class OnPolicyError(SyncError):
     """The learner's logprobs of the sampled tokens differ from the engine's beyond sync.on_policy_tolerance."""
 
 
-def check_on_policy(stats: dict[str, float], cfg: Any, iteration: int, required: bool = False) -> bool:
+def check_on_policy(stats: dict[str, float], cfg: Any, iteration: int, required: bool = False) -> str:
     """Enforce the primary on-policy check on the learner's all-rank statistics (LearnerWorker.prepare, or update
-    with learner.old_logprobs=update). Returns False when ``stats`` hold no check (the caller then needs another);
-    ``required``: the last phase that could have checked, so no check at all is an error.
+    with learner.old_logprobs=update). Returns 'passed'; 'deferred' when ``stats`` hold no check (the update's
+    forward will: learner.old_logprobs=update); or 'not_checked' when there was nothing to compare (no response
+    token of this iteration's version: one-step-off), so the caller must compare the engines another way (the
+    canary). ``required``: the last phase that could have checked, so no check at all is an error.
 
     Fails (or warns, sync.on_policy_action=warn) when more than sync.on_policy_max_frac of the response tokens
-    differ by more than sync.on_policy_tolerance: the engines then sample from another policy than the one trained."""
+    differ by more than sync.on_policy_tolerance: the engines then sample from another policy than the one trained;
+    the message names the engines whose rows fail. A non-finite logprob on any rank fails whatever the action."""
     key = "rollout/engine_learner_logprob"
-    if f"{key}_frac_over_tol" not in stats:
+    if f"{key}_tokens_checked" not in stats:
         if required:
             raise OnPolicyError(f"iteration {iteration}: the learner reported no on-policy check in prepare or "
                                 "update, so nothing compared the engines' logprobs with the learner's")
-        return False
+        return "deferred"
+    if stats[f"{key}_tokens_checked"] == 0:
+        return "not_checked"
+    nonfinite = stats[f"{key}_nonfinite"]
+    if nonfinite:
+        raise OnPolicyError(f"iteration {iteration}: on-policy check failed: {int(nonfinite)} response tokens have "
+                            "a non-finite (NaN or inf) engine or learner logprob; the weights are broken on one side")
     frac, worst, mean = stats[f"{key}_frac_over_tol"], stats[f"{key}_max_abs_diff"], stats[f"{key}_mean_abs_diff"]
-    if frac <= cfg.on_policy_max_frac and np.isfinite(worst):
-        return True
-    msg = (f"iteration {iteration}: on-policy check failed: {frac:.2%} of the response tokens have |engine logprob "
-           f"- learner logprob| > sync.on_policy_tolerance={cfg.on_policy_tolerance} (allowed: "
-           f"sync.on_policy_max_frac={cfg.on_policy_max_frac}); max {worst:.3g}, mean {mean:.3g}. The engines do not "
-           "sample from the policy the learner trains (weights, dtype, temperature or sampling settings differ); "
-           "for bf16 raise the tolerance or max_frac, or set sync.on_policy_action=warn to continue anyway")
+    if frac <= cfg.on_policy_max_frac:
+        return "passed"
+    engines = sorted((int(k[len(key) + 7: -len("_frac_over_tol")]), v) for k, v in stats.items()
+                     if k.startswith(f"{key}_engine") and k.endswith("_frac_over_tol"))
+    bad = [f"engine {e} ({v:.2%} over)" for e, v in engines if v > cfg.on_policy_max_frac]
+    msg = (f"iteration {iteration}: on-policy check failed on {', '.join(bad) or 'the batch'}: {frac:.2%} of the "
+           f"response tokens have |engine logprob - learner logprob| > sync.on_policy_tolerance="
+           f"{cfg.on_policy_tolerance} (allowed: sync.on_policy_max_frac={cfg.on_policy_max_frac}); max {worst:.3g}, "
+           f"mean {mean:.3g}. The engines do not sample from the policy the learner trains (stale or wrong weights, "
+           "dtype, temperature or sampling settings differ); for bf16 raise the tolerance or max_frac, or set "
+           "sync.on_policy_action=warn to continue anyway")
     if cfg.on_policy_action == "warn":
         logger.warning("%s", msg)
-        return True
+        return "passed"
     raise OnPolicyError(msg)

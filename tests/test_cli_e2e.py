@@ -63,7 +63,7 @@ def test_smoke_run_is_on_policy_and_verified(learning_run):
         assert r["sync/bytes"] == r["sync/expected_bytes"] == param_bytes
         assert r["sync/seconds"] > 0 and r["sync/gbps"] > 0
         # The on-policy check, over every response token of both ranks, every iteration.
-        assert r["rollout/engine_learner_logprob_max_abs_diff"] < 1e-3
+        assert r["rollout/engine_learner_logprob_max_abs_diff"] < 1e-3 and r["rollout/on_policy_checked"] == 1
         assert 0 <= r["rollout/engine_learner_logprob_mean_abs_diff"] <= r["rollout/engine_learner_logprob_max_abs_diff"]
         assert r["rollout/engine_learner_logprob_frac_over_tol"] == 0.0
         for phase in ("generate", "reward", "prepare", "update", "sync", "checkpoint", "iteration"):
@@ -83,6 +83,24 @@ def test_smoke_run_is_on_policy_and_verified(learning_run):
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env)
     assert "GENERATED 4" in proc.stdout, proc.stderr[-4000:]
+
+
+# What a run computes (as opposed to how long it took or how much memory it used): equal to the bit on one machine.
+TIMING = ("timing_s/", "perf/", "memory/", "sync/seconds", "sync/gbps", "sync/export_s", "sync/pack_s",
+          "sync/engine_", "sync/served_check_s", "sync/canary_s", "rollout/engine_generate_s", "learner/peak_rss_mib")
+
+
+@pytest.mark.slow
+@requires_loopback
+def test_two_identical_runs_give_identical_rows(learning_run, tmp_path):
+    """Same config, same machine, same thread count: every computed value of every row is equal (the README's
+    reproducibility statement). A shorter run reproduces the longer run's first rows: nothing depends on the
+    number of iterations."""
+    run_cli(tmp_path, "iterations=3", "checkpoint_every=0")
+    for got, want in zip(metrics(tmp_path), metrics(learning_run)[:3]):
+        computed = {k: v for k, v in want.items() if not k.startswith(TIMING)}
+        assert len(computed) > 30
+        assert {k: got.get(k) for k in computed} == computed, got["iteration"]
 
 
 @pytest.mark.slow
@@ -257,12 +275,15 @@ def test_one_step_off_async_is_one_version_behind_learns_and_resumes_exactly(tmp
         if r["iteration"] == replaced:  # sampled from the learner's weights: on-policy, checked, ratio 1
             assert r["rollout/policy_version_min"] == r["rollout/policy_version_max"] == replaced
             assert r["rollout/staleness_max"] == 0 and r["rollout/engine_restarts"] == 1
-            assert r[checked] == r["learner/tokens"] > 0
+            assert r[checked] == r["learner/tokens"] > 0 and r["rollout/on_policy_checked"] == 1
             assert r["rollout/engine_learner_logprob_max_abs_diff"] < 1e-3
             assert r["learner/is_ratio_max"] == pytest.approx(1.0, abs=2e-3)
         else:
             assert r["rollout/policy_version_min"] == r["rollout/policy_version_max"] == r["iteration"] - 1
-            assert r["rollout/staleness_max"] == 1 and r[checked] == 0
+            # Nothing compared is reported as such, not as a difference of 0; the canary compared this version.
+            assert r["rollout/staleness_max"] == 1 and r[checked] == 0 and r["rollout/on_policy_checked"] == 0
+            assert "rollout/engine_learner_logprob_max_abs_diff" not in r
+            assert r["sync/canary_tokens"] > 0
     rewards = [r["reward/mean"] for r in rows]
     assert sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3 > 0.1, rewards
 
@@ -280,6 +301,31 @@ def test_one_step_off_async_is_one_version_behind_learns_and_resumes_exactly(tmp
     for g, want in zip(got, rows[:5]):
         assert g["reward/mean"] == pytest.approx(want["reward/mean"], abs=1e-6), g["iteration"]
         assert g["rollout/policy_version_min"] == want["rollout/policy_version_min"]
+
+
+@pytest.mark.slow
+@requires_loopback
+@pytest.mark.parametrize("mode", ["strict", "one_step_off"])
+def test_an_engine_that_silently_keeps_stale_weights_stops_the_run_naming_it(mode, tmp_path):
+    """OIRL_FAULT=stale-engine:<it>: at the sync after iteration <it> the engine's worker receives and hashes the new
+    weights (so the fingerprint matches) but does not load them, and reports success. The canary is off
+    (sync.canary_every=0), so what must catch it is, strictly on-policy, the next iteration's check of every sampled
+    token; in one-step-off mode (where that check cannot compare the rows), the canary the driver runs at every
+    sync whatever sync.canary_every says."""
+    it = 0 if mode == "strict" else 1
+    extra = ["rollout.async_steps=1"] if mode == "one_step_off" else []
+    proc = run_with_fault(tmp_path, f"stale-engine:{it}", "iterations=4", "checkpoint_every=0", "sync.canary_every=0",
+                          *extra)
+    assert proc.returncode == 1, proc.stderr[-6000:]
+    assert f"every engine skips the reload of the sync after iteration {it}" in proc.stderr
+    if mode == "strict":
+        assert re.search(r"iteration 1: on-policy check failed on engine 0 \(\d+\.\d+% over\)", proc.stderr), \
+            proc.stderr[-4000:]
+        assert [r["iteration"] for r in metrics(tmp_path)] == [0]
+    else:
+        assert re.search(r"canary: engine 0 logprobs differ from the learner's by [0-9.e-]+ > "
+                         r"sync.canary_tolerance=0.001", proc.stderr), proc.stderr[-4000:]
+        assert [r["iteration"] for r in metrics(tmp_path)] == [0]  # the sync of iteration 1 stopped it
 
 
 # Overrides, and the least reward gain (mean of the last 3 iterations - of the first 3) that counts as learning:

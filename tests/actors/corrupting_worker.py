@@ -20,11 +20,11 @@ class CorruptingRolloutWorker(RolloutWorker):
     def lose_next_reload(self) -> None:
         self.lose = True
 
-    def load_weights(self, update, timeout_s=300.0):
+    def load_weights(self, update, timeout_s=300.0, fault_skip_reload=False):
         self.expected = update.fingerprint  # what a lost reload claims to have loaded
-        return super().load_weights(update, timeout_s)
+        return super().load_weights(update, timeout_s, fault_skip_reload)
 
-    def _reload(self, wire, arrays, version):
+    def _reload(self, wire, arrays, version, fault_skip_reload=False):
         if self.lose:
             self.lose = False
             return [{"fingerprint": self.expected, "verify_s": 0.0, "reload_s": 0.0}]
@@ -34,4 +34,4 @@ class CorruptingRolloutWorker(RolloutWorker):
             first = arrays[0] if arrays[0].flags.writeable else arrays[0].copy()  # object-store arrays are read-only
             first[0] ^= 1
             arrays = [first, *arrays[1:]]
-        return super()._reload(wire, arrays, version)
+        return super()._reload(wire, arrays, version, fault_skip_reload)

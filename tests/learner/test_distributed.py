@@ -11,11 +11,14 @@
 """
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
+from actors.rollout_worker import SyncConfig
 from learner.group import LearnerGroup
 from learner.learner_worker import LearnerConfig
 from oirl.batch import add_column, make_rollout_batch
+from oirl.sync import OnPolicyError, check_on_policy
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +47,14 @@ def train_once(path, run_id, ranks, stage, batch, lr=1e-3, forward_batch_size=8)
         prep = group.call_rank0("prepare", batch, 0)
         stats = group.call_rank0("update")
         after = group.call_rank0("full_state")
-        return before, after, export0, prep, stats
+        # The same rows scored again by the updated policy, with one engine logprob NaN on row 3 (rank 1's with 2
+        # ranks): the KL to the reference is no longer 0, and the NaN is counted wherever it lives.
+        lps = batch.column("response_logprobs").to_pylist()
+        lps[3][0] = float("nan")
+        nan_batch = batch.set_column(batch.schema.get_field_index("response_logprobs"), "response_logprobs",
+                                     pa.array(lps, type=batch.schema.field("response_logprobs").type))
+        after_prep = group.call_rank0("prepare", nan_batch, 0)
+        return before, after, export0, prep, stats, after_prep
     finally:
         group.shutdown()
 
@@ -65,14 +75,14 @@ def max_diff(a, b):
 
 
 def test_policy_starts_equal_to_reference(runs):
-    _, _, _, prep, _ = runs["2r_z2"]
+    _, _, _, prep, *_ = runs["2r_z2"]
     assert prep["kl/mean"] == 0.0
     assert prep["learner/tokens"] > 0
 
 
 def test_two_ranks_match_one_rank(runs):
-    b1, a1, _, _, s1 = runs["1r_z2"]
-    b2, a2, _, _, s2 = runs["2r_z2"]
+    b1, a1, _, _, s1, _ = runs["1r_z2"]
+    b2, a2, _, _, s2, _ = runs["2r_z2"]
     assert max_diff(b1, b2) == 0.0
     moved = max_diff(b1, a1)
     assert moved > 1e-4  # the update really moved the weights
@@ -81,22 +91,22 @@ def test_two_ranks_match_one_rank(runs):
 
 
 def test_every_trainable_parameter_changed(runs):
-    before, after, _, _, _ = runs["2r_z2"]
+    before, after, *_ = runs["2r_z2"]
     unchanged = [k for k in before if np.array_equal(before[k], after[k])]
     assert not unchanged, f"parameters not updated: {unchanged}"
 
 
 def test_zero3_export_equals_zero2_export(runs):
-    _, _, e2, _, _ = runs["2r_z2"]
-    _, _, e3, _, _ = runs["2r_z3"]
+    _, _, e2, *_ = runs["2r_z2"]
+    _, _, e3, *_ = runs["2r_z3"]
     assert e2.nbytes == e3.nbytes > 0
     assert [m.name for b in e2.buckets for m in b.tensors] == [m.name for b in e3.buckets for m in b.tensors]
     assert e2.fingerprint == e3.fingerprint
 
 
 def test_zero3_trains_like_zero2(runs):
-    _, a2, _, _, _ = runs["2r_z2"]
-    _, a3, _, _, _ = runs["2r_z3"]
+    _, a2, *_ = runs["2r_z2"]
+    _, a3, *_ = runs["2r_z3"]
     assert max_diff(a2, a3) < 1e-4
 
 
@@ -109,6 +119,27 @@ def test_on_policy_statistics_cover_every_rank(runs):
         assert two[f"{key}_{stat}"] == pytest.approx(one[f"{key}_{stat}"], rel=1e-5), stat
     # Every token's engine logprob (0 or 50) is far from the learner's (< 0): all of them are over tolerance.
     assert one[f"{key}_frac_over_tol"] == 1.0
+    assert one[f"{key}_nonfinite"] == two[f"{key}_nonfinite"] == 0
+
+
+def test_a_nan_logprob_on_rank_1_fails_the_check(runs):
+    """gloo's MAX all-reduce may drop a NaN and NaN > tol counts nothing: the NaN is counted instead, on any rank."""
+    key = "rollout/engine_learner_logprob"
+    for name in ("1r_z2", "2r_z2", "2r_z3"):
+        stats = runs[name][5]
+        assert stats[f"{key}_nonfinite"] == 1, name
+        assert np.isfinite(stats[f"{key}_max_abs_diff"]) and stats[f"{key}_max_abs_diff"] > 50, name
+        with pytest.raises(OnPolicyError, match="1 response tokens have a non-finite"):
+            check_on_policy(stats, SyncConfig(on_policy_max_frac=0.99), 0)
+
+
+def test_kl_to_the_reference_is_measured_after_an_update(runs):
+    """kl/mean is 0 before any step (policy == reference) and not after: the reference really is scored."""
+    for name in ("1r_z2", "2r_z2"):
+        before, after = runs[name][3], runs[name][5]
+        assert before["kl/mean"] == 0.0
+        assert abs(after["kl/mean"]) > 1e-4, (name, after["kl/mean"])
+        assert after["kl/mean"] == pytest.approx(runs["1r_z2"][5]["kl/mean"], rel=1e-3)
 
 
 def test_critic_free_without_kl_builds_no_critic_and_no_reference(ray_cluster, tiny_model_path):
@@ -182,3 +213,44 @@ def test_old_logprobs_from_the_update_pass(ray_cluster, tiny_model_path):
     assert max_diff(a_f, a_a) > 0  # it did compute in bf16
     assert step_f @ step_a / (np.linalg.norm(step_f) * np.linalg.norm(step_a)) > 0.9  # nearly the same step
     assert upd_a["learner/approx_kl"] != 0.0 and upd_f["learner/approx_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode,cap", [("token_mean", 0.0), ("seq_mean_token_sum", 0.0), ("token_mean", 2.0)])
+def test_policy_loss_is_aggregated_as_the_loss_is(ray_cluster, tiny_model_path, mode, cap):
+    """learner/policy_loss follows learner.loss_aggregation (it was a token mean whatever the setting). GRPO without
+    KL, one step: before the step the ratio is 1, so the clipped surrogate of token t of row i is -A_i, and the
+    loss is -sum_i n_i A_i over the tokens (token_mean) or over token_norm x the rows (seq_mean_token_sum).
+
+    cap > 0: one-step-off rows (version 0 trained at iteration 1) whose engine logprob is -50, so every truncated
+    importance weight min(pi / mu, cap) is the cap: the weights reach the loss only if it doubles."""
+    import torch
+    from transformers import AutoConfig
+
+    from learner.algorithms.grpo import grpo_advantages
+
+    vocab = AutoConfig.from_pretrained(tiny_model_path).vocab_size
+    rng = np.random.default_rng(3)
+    groups = [0, 0, 1, 1, 2, 2, 3, 3]
+    lengths = [1, 9, 4, 2, 7, 3, 5, 11]
+    rewards = np.array([0.0, 1.0, 0.2, 0.9, 1.0, 0.1, 0.5, 0.4], dtype=np.float32)
+    table = make_rollout_batch(groups, [0, 1] * 4, [rng.integers(3, vocab, 5).tolist() for _ in groups],
+                               [rng.integers(3, vocab, n).tolist() for n in lengths],
+                               [[-50.0 if cap else 0.0] * n for n in lengths],
+                               ["length"] * N, 0)
+    cfg = LearnerConfig(num_ranks=1, algorithm="grpo", kl_coef=0.0, loss_aggregation=mode, max_new_tokens=16,
+                        ppo_epochs=1, num_minibatches=1, num_cpus=0.5, timeout_s=600)
+    group = LearnerGroup(cfg, tiny_model_path, "float32", seed=0, temperature=1.0, run_id=f"agg-{mode}-{cap}",
+                         micro_batch=N)
+    try:
+        prep = group.call_rank0("prepare", add_column(table, "reward", rewards), int(cap > 0), 1e-3, cap)
+        stats = group.call_rank0("update")
+    finally:
+        group.shutdown()
+    n = torch.tensor(lengths, dtype=torch.float64)
+    mask = (torch.arange(16)[None, :] < n[:, None]).double()
+    adv = grpo_advantages(torch.tensor(rewards, dtype=torch.float64), torch.tensor(groups), mask)[:, 0]
+    want = float(-(n * adv).sum() / (n.sum() if mode == "token_mean" else 16 * len(groups))) * (cap or 1.0)
+    assert abs(want) > 0.01
+    if cap:
+        assert prep["learner/is_truncated_frac"] == 1.0 and prep["learner/is_weight_mean"] == cap
+    assert stats["learner/policy_loss"] == pytest.approx(want, rel=1e-4, abs=1e-6)

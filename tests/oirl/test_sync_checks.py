@@ -90,25 +90,47 @@ def test_canary_diff_fails_on_nan_inf_or_missing_logprobs():
         canary_diff(1, engine[:2], learner)
 
 
-def _stats(frac, worst=0.5, mean=0.01):
+def _stats(frac, worst=0.5, mean=0.01, tokens=1000.0, nonfinite=0.0, **engines):
     key = "rollout/engine_learner_logprob"
-    return {f"{key}_frac_over_tol": frac, f"{key}_max_abs_diff": worst, f"{key}_mean_abs_diff": mean}
+    return {f"{key}_frac_over_tol": frac, f"{key}_max_abs_diff": worst, f"{key}_mean_abs_diff": mean,
+            f"{key}_tokens_checked": tokens, f"{key}_nonfinite": nonfinite,
+            **{f"{key}_{e}_frac_over_tol": v for e, v in engines.items()}}
 
 
 def test_on_policy_check_enforces_tolerance_and_fraction(caplog):
-    assert check_on_policy(_stats(0.0, worst=1e-5), SyncConfig(), 0)
-    assert not check_on_policy({"kl/mean": 0.0}, SyncConfig(), 0)  # no check in these stats: the caller must look on
+    assert check_on_policy(_stats(0.0, worst=1e-5), SyncConfig(), 0) == "passed"
+    # No check in these stats (learner.old_logprobs=update): the caller must look on, in update()'s stats
+    assert check_on_policy({"kl/mean": 0.0}, SyncConfig(), 0) == "deferred"
     with pytest.raises(OnPolicyError, match="no on-policy check in prepare or update"):  # and the last place it looks
         check_on_policy({"kl/mean": 0.0}, SyncConfig(), 3, required=True)
-    assert check_on_policy(_stats(0.0, worst=1e-5), SyncConfig(), 3, required=True)
-    with pytest.raises(OnPolicyError, match=r"iteration 4: on-policy check failed: 0.10% of the response tokens"):
+    assert check_on_policy(_stats(0.0, worst=1e-5), SyncConfig(), 3, required=True) == "passed"
+    with pytest.raises(OnPolicyError, match=r"iteration 4: on-policy check failed on the batch: 0.10% of the "):
         check_on_policy(_stats(0.001), SyncConfig(), 4)
-    check_on_policy(_stats(0.001), SyncConfig(on_policy_max_frac=0.01), 4)  # bf16-style allowance
-    with pytest.raises(OnPolicyError):
-        check_on_policy(_stats(0.0, worst=float("nan")), SyncConfig(), 4)  # NaN logprobs never pass
+    assert check_on_policy(_stats(0.001), SyncConfig(on_policy_max_frac=0.01), 4) == "passed"  # bf16 allowance
     with caplog.at_level(logging.WARNING):
-        check_on_policy(_stats(0.5), SyncConfig(on_policy_action="warn"), 2)
+        assert check_on_policy(_stats(0.5), SyncConfig(on_policy_action="warn"), 2) == "passed"
     assert "on-policy check failed" in caplog.text
+
+
+def test_on_policy_check_that_compared_nothing_says_so():
+    """One-step-off rows of the previous version: nothing compared is 'not_checked' (the driver then runs the
+    canary), never a pass with differences of 0."""
+    key = "rollout/engine_learner_logprob"
+    assert check_on_policy({f"{key}_tokens_checked": 0.0}, SyncConfig(), 5) == "not_checked"
+    assert check_on_policy({f"{key}_tokens_checked": 0.0}, SyncConfig(), 5, required=True) == "not_checked"
+
+
+def test_a_non_finite_logprob_fails_whatever_the_action():
+    with pytest.raises(OnPolicyError, match="2 response tokens have a non-finite"):
+        check_on_policy(_stats(0.0, worst=0.0, nonfinite=2.0), SyncConfig(), 4)
+    with pytest.raises(OnPolicyError, match="non-finite"):
+        check_on_policy(_stats(0.0, nonfinite=1.0), SyncConfig(on_policy_action="warn", on_policy_max_frac=0.5), 4)
+
+
+def test_a_failed_on_policy_check_names_the_engines_whose_rows_fail():
+    with pytest.raises(OnPolicyError, match=r"failed on engine 1 \(40.00% over\), engine 3 \(2.00% over\): "):
+        check_on_policy(_stats(0.1, engine0=0.0, engine1=0.4, engine2=0.01, engine3=0.02),
+                        SyncConfig(on_policy_max_frac=0.015), 7)
 
 
 def test_canary_schedule():
