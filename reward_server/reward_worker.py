@@ -34,37 +34,41 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from oirl.bounds import any_value, bounds
+
 logger = logging.getLogger(__name__)
+
+WEIGHT = "a backend's weight: negative makes it a penalty, 0 turns it off"
 
 
 @dataclass(frozen=True)
 class RewardConfig:
     kind: str = "gsm8k"
     """Rule backend: 'gsm8k' (final-answer match against the row's reference), 'synthetic_digits', or 'none'."""
-    rule_weight: float = 1.0
+    rule_weight: float = field(default=1.0, metadata=any_value(WEIGHT))
     """Weight of the rule backend."""
-    format_bonus: float = 0.0
+    format_bonus: float = field(default=0.0, metadata=any_value("negative: a penalty for the missing format"))
     """gsm8k: extra reward for ending with '#### <number>' (half for a bare number on the last line)."""
     function: str = ""
     """User reward 'package.module:function', called as f(prompt, response, reference) -> float."""
-    function_weight: float = 1.0
+    function_weight: float = field(default=1.0, metadata=any_value(WEIGHT))
     """Weight of the user function."""
     model_path: str = ""
     """Folder of a learned reward model (sequence classification, 1 label), e.g. from `oirl train-rm`."""
-    model_weight: float = 1.0
+    model_weight: float = field(default=1.0, metadata=any_value(WEIGHT))
     """Weight of the learned reward model."""
-    model_batch_size: int = 32
+    model_batch_size: int = field(default=32, metadata=bounds(ge=1))
     """Rows per reward-model forward."""
-    model_max_tokens: int = 512
+    model_max_tokens: int = field(default=512, metadata=bounds(ge=1))
     """Truncation length of prompt + response for the reward model."""
     url: str = ""
     """Remote reward server (`oirl serve-reward`), e.g. http://127.0.0.1:8000; its /score is called per batch."""
-    url_weight: float = 1.0
+    url_weight: float = field(default=1.0, metadata=any_value(WEIGHT))
     """Weight of the remote reward."""
     url_token_env: str = "OIRL_REWARD_TOKEN"
     """Name of the environment variable that holds the remote server's bearer token (read where the actor runs)."""
@@ -72,17 +76,17 @@ class RewardConfig:
     """File holding the remote server's bearer token (e.g. a mounted Kubernetes Secret); wins over url_token_env."""
     normalize: bool = False
     """Normalise the combined reward with a running mean/std (over every batch scored so far)."""
-    clip: float = 0.0
+    clip: float = field(default=0.0, metadata=bounds(ge=0, why="0 disables clipping"))
     """Clip the final reward to [-clip, clip] (0 = off)."""
-    num_gpus: float = 0.0
+    num_gpus: float = field(default=0.0, metadata=bounds(ge=0))
     """Ray GPUs for the reward actor; with one, the learned reward model runs on it."""
     model_dtype: str = "float32"
     """dtype of the learned reward model: float32, or bfloat16 (on a GPU: half the memory, faster)."""
-    num_cpus: float = 0.0
+    num_cpus: float = field(default=0.0, metadata=bounds(ge=0))
     """Ray CPUs reserved for the reward actor."""
-    max_restarts: int = 1
+    max_restarts: int = field(default=1, metadata=bounds(ge=0, why="0: a crash ends the run"))
     """Ray restarts the actor after a crash this many times; a lost call is retried on the restarted actor."""
-    timeout_s: float = 300.0
+    timeout_s: float = field(default=300.0, metadata=bounds(gt=0, why="every remote wait needs a timeout"))
     """Longest wait for one score call (and for one HTTP request to a remote server)."""
 
 

@@ -1,10 +1,12 @@
 """RunConfig: every shipped recipe loads; bad values fail before anything starts, naming the field and the fix."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from oirl.config import REPO_ROOT, ConfigError, load_config, parse_overrides
+from oirl.bounds import field_range, is_numeric
+from oirl.config import REPO_ROOT, ConfigError, RunConfig, load_config, parse_overrides
 
 # pipeline*.yaml add sft/preferences/rm sections to a RunConfig: tests/oirl/test_pipeline.py loads those.
 CONFIGS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml") if not p.stem.startswith("pipeline"))
@@ -43,7 +45,7 @@ def test_dotted_overrides_in_both_spellings():
     ("data.source=gsm8k", "data.path"),
     ("model.dtype=float16", "trains without loss scaling"),
     ("rollout.top_p=0.9", "set rollout.top_p=1.0"),
-    ("rollout.top_k=40", "set rollout.top_k=-1"),
+    ("rollout.top_k=40", "rollout.top_k=40 must be -1 or 0: top-k truncates"),
     ("learner.forward_batch_size=0", "learner.forward_batch_size=0 must be >= 1"),
     ("learner.value_clip=0", "learner.value_clip=0.0 must be > 0"),
     ("learner.kl_coef=.nan", "learner.kl_coef=nan must be a finite number"),
@@ -56,7 +58,7 @@ def test_dotted_overrides_in_both_spellings():
     ("learner.algorithm=grpo", "set learner.kl_in_loss=true"),
     ("learner.algorithm=rloo learner.kl_in_loss=true rollout.samples_per_prompt=1",
      "rollout.samples_per_prompt=1 must be >= 2"),
-    ("rollout.async_steps=2", "rollout.async_steps=2 must be 0 (on-policy) or 1 (one-step-off)"),
+    ("rollout.async_steps=2", "rollout.async_steps=2 must be 0 or 1: 0 on-policy, 1 one-step-off"),
     ("learner.importance_cap=0", "learner.importance_cap=0.0 must be > 0"),
     ("learner.loss_aggregation=sum", "learner.loss_aggregation='sum' must be"),
     ("learner.ref_dtype=float16", "learner.ref_dtype='float16' must be"),
@@ -71,6 +73,12 @@ def test_dotted_overrides_in_both_spellings():
     ("checkpoint_keep=0", "checkpoint_keep=0 must be >= 1"),
     ("iterations=0", "iterations=0 must be >= 1"),
     ("rollout.max_restarts=-1", "rollout.max_restarts=-1 must be >= 0"),
+    ("data.max_rows=-5", "data.max_rows=-5 must be >= 0"),
+    ("sync.canary_samples=-1", "sync.canary_samples=-1 must be >= 1"),
+    ("reward.model_batch_size=0", "reward.model_batch_size=0 must be >= 1"),
+    ("learner.num_cpus=-1", "learner.num_cpus=-1.0 must be > 0"),
+    ("model.dtype=bfloat16", "model.dtype=bfloat16 with sync.on_policy_tolerance=0.001 and "
+                             "sync.canary_tolerance=0.001"),
 ])
 def test_bad_values_name_the_field(override, fragment):
     overrides = override.split()  # one case, one or more overrides
@@ -106,3 +114,54 @@ def test_old_logprobs_update_needs_one_on_policy_step_per_batch():
         with pytest.raises(ConfigError, match="learner.old_logprobs=update needs") as err:
             load_config(REPO_ROOT / "configs" / "smoke.yaml", grpo + [extra, "learner.old_logprobs=update"])
         assert fragment in str(err.value)
+
+
+def _numeric_fields(node, prefix=""):
+    """(dotted path, field) for every int/float field of the config tree, found by introspection."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_fields(value, f"{prefix}{f.name}.")
+        elif is_numeric(f):
+            yield f"{prefix}{f.name}", f
+
+
+def _outside(f, rng):
+    """Values just outside each finite side of the range, in the field's type."""
+    kind = type(f.default)
+    below = [rng.ge - 1 if rng.ge is not None else rng.gt] if (rng.ge, rng.gt) != (None, None) else []
+    above = [rng.le + 1 if rng.le is not None else rng.lt] if (rng.le, rng.lt) != (None, None) else []
+    return [kind(v) for v in below + above]
+
+
+NUMERIC = list(_numeric_fields(RunConfig()))
+
+
+def test_the_walk_sees_every_role():
+    assert {path.split(".")[0] for path, _ in NUMERIC} >= {"model", "data", "rollout", "learner", "reward", "sync",
+                                                          "iterations"}
+    assert len(NUMERIC) > 60
+
+
+@pytest.mark.parametrize("path, f", NUMERIC, ids=[p for p, _ in NUMERIC])
+def test_every_numeric_field_declares_its_range_and_a_value_outside_it_is_refused(path, f):
+    """A new int/float field without bounds(...) or any_value(why) beside it fails here."""
+    rng = field_range(f)
+    assert rng is not None, f"{path} has no range: add metadata=bounds(...) or any_value(why) beside the field"
+    if rng.any_value:
+        assert rng.why, f"{path}: any_value needs the reason any value is meaningful"
+        return
+    for value in _outside(f, rng):
+        with pytest.raises(ConfigError) as err:
+            load_config(REPO_ROOT / "configs" / "smoke.yaml", [f"{path}={value!r}"])
+        assert str(err.value).startswith(f"{path}={value!r} must be {rng.text(isinstance(value, int))}"), str(err.value)
+    assert rng.contains(f.default), f"{path}'s default {f.default!r} is outside {rng.text()}"
+
+
+def test_bf16_is_accepted_with_bf16_tolerances():
+    cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml", ["model.dtype=bfloat16", "sync.on_policy_tolerance=0.1",
+                                                             "sync.on_policy_max_frac=0.01", "sync.canary_tolerance=0.05"])
+    assert cfg.model.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match=r"with sync.canary_tolerance=0.001: .* set sync.on_policy_tolerance=0.1"):
+        load_config(REPO_ROOT / "configs" / "smoke.yaml", ["model.dtype=bfloat16", "sync.on_policy_tolerance=0.1"])
+
