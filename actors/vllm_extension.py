@@ -22,15 +22,17 @@ class WeightReceiver:
         """Join the collective transport's group (learner rank 0 is rank 0) from inside this worker's process."""
         import torch
 
-        from oirl.weights import join_weight_group
+        from oirl.weights import join_weight_group, leave_weight_group
 
-        self.oirl_group = None  # an older group (an engine was replaced) goes first
+        leave_weight_group(getattr(self, "oirl_group", None))  # an older group (an engine was replaced): aborted
+        self.oirl_group = None
         self.oirl_group = join_weight_group(master_ip, master_port, rank, world,
                                             getattr(self, "device", torch.device("cpu")), timeout_s)
         self.oirl_timeout_s = timeout_s
 
-    def _oirl_receive(self, buckets: list[Any]) -> list[np.ndarray]:
-        """Every bucket of this version, broadcast by learner rank 0 over the collective group, into host buffers."""
+    def _oirl_receive(self, buckets: list[Any]) -> list[Any]:
+        """Every bucket of this version, broadcast by learner rank 0 over the collective group, as flat uint8 tensors
+        on this worker's GPU (NCCL), or in host memory (gloo on CPU). [nbytes] each."""
         import torch
 
         from oirl.weights import broadcast_bucket
@@ -42,7 +44,7 @@ class WeightReceiver:
         for b in buckets:
             t = torch.empty(b.nbytes, dtype=torch.uint8, device=device if device.type == "cuda" else "cpu")
             broadcast_bucket(self.oirl_group[0], t, self.oirl_timeout_s)
-            out.append(t.cpu().numpy())
+            out.append(t)
         return out
 
     def oirl_reload(self, buckets: list[Any], arrays: list[Any] | None, version: int,
@@ -55,22 +57,30 @@ class WeightReceiver:
 
         The fingerprint is computed here, in the worker's process, over the very buffers handed to the reload, and
         nothing else: it is never taken from the caller, so a bucket corrupted anywhere on its way (transport,
-        actor, RPC, a file rewritten under the mapping) shows up as a mismatch in the driver's served check.
+        actor, RPC, a file rewritten under the mapping) shows up as a mismatch in the driver's served check. The
+        collective transport on a GPU is the one exception in form: the reload reads the received device buffers
+        in place and XXH3 (a CPU hash) reads a device-to-host copy of them, taken after the broadcast completed,
+        so it hashes the same bytes; no GPU implementation of the learner's hash is at hand, and a device-side
+        checksum would need a second fingerprint on the learner.
 
         fault_skip_reload (OIRL_FAULT=stale-engine): everything as usual but the reload itself, then report
         success: the fingerprint cannot see it (the bytes arrived intact); the logprob checks must.
         """
-        from oirl.weights import bucket_from_wire, fingerprint, unpack_bucket
+        from oirl.weights import bucket_from_wire, fingerprint, host_bytes, unpack_bucket
 
         buckets = [bucket_from_wire(b) for b in buckets]
-        if arrays is None:
-            arrays = self._oirl_receive(buckets)
+        # Collective: the reload reads the received tensors where they are (on a GPU: no round trip through the
+        # host); the hash, which runs on the CPU, reads a copy of those very bytes (host_bytes).
+        received = self._oirl_receive(buckets) if arrays is None else None
+        arrays = received if received is not None else arrays
         arrays = [np.frombuffer(a, dtype=np.uint8) if isinstance(a, (bytes, bytearray)) else a for a in arrays]
-        buffers = [np.memmap(a, dtype=np.uint8, mode="c") if isinstance(a, str) else a for a in arrays]
         t0 = time.perf_counter()
+        buffers = [np.memmap(a, dtype=np.uint8, mode="c") if isinstance(a, str)
+                   else host_bytes(a) if received is not None else a for a in arrays]
         computed = fingerprint(buckets, buffers)
         t_hash = time.perf_counter()
-        named = itertools.chain.from_iterable(unpack_bucket(b, buf) for b, buf in zip(buckets, buffers))
+        sources = received if received is not None else buffers
+        named = itertools.chain.from_iterable(unpack_bucket(b, src) for b, src in zip(buckets, sources))
         if not fault_skip_reload:
             self.model_runner.reload_weights(weights_iterator=_with_tied_head(named))
         self.oirl_version = version

@@ -9,6 +9,7 @@ Public methods (every rank is called; rank 0 does the work and returns the resul
     full_state() -> dict[str, np.ndarray] | None                           # every trainable parameter (tests)
     save_hf(dir)                                                           # the final policy as an HF folder
     claim_shm_dir()                                                        # at setup: lock, dead runs' files
+    shm_free_bytes() -> int                                                # room in /dev/shm, before shm is chosen
 
 Only the policy is published: PPO's separate critic (learner/critic.py) never reaches the engines.
 
@@ -50,6 +51,12 @@ class WeightPublisher:
         stale = clean_stale_shm(self.shm_dir, self.run_id)
         if stale:
             logger.warning("removed %d /dev/shm files left by runs that are no longer alive", len(stale))
+
+    def shm_free_bytes(self) -> int:
+        """Free bytes of this rank's /dev/shm, 0 without one (the driver asks rank 0 before it picks shm)."""
+        from oirl.weights import shm_free_bytes
+
+        return shm_free_bytes(self.shm_dir) if os.path.isdir(self.shm_dir) else 0
 
     def _gathered(self):
         import contextlib
@@ -130,9 +137,10 @@ class WeightPublisher:
     def join_weight_group(self, master_ip: str, master_port: int, world: int, timeout_s: float) -> None:
         """Rank 0 hosts the collective transport's group (its ranks 1.. are the engines' workers); others no-op."""
         if self.rank == 0:
-            from oirl.weights import join_weight_group
+            from oirl.weights import join_weight_group, leave_weight_group
 
-            self.weight_group = None  # drop an older group (an engine was replaced) before forming the new one
+            leave_weight_group(self.weight_group)  # an older group (an engine was replaced) is aborted first
+            self.weight_group = None
             self.weight_group = join_weight_group(master_ip, master_port, 0, world, self.device, timeout_s)
 
     def broadcast_weights(self, version: int, timeout_s: float) -> None:

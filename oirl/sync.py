@@ -31,15 +31,50 @@ class SyncError(RuntimeError):
     """An engine does not serve the weights the learner published."""
 
 
-def choose_transport(requested: str, learner_node: str, engine_nodes: list[str]) -> str:
-    """'auto': shm when every engine shares learner rank 0's node (one memcpy each side), else the collective
-    broadcast (the cluster path: NCCL between GPUs, gloo between CPU nodes)."""
-    if requested != "auto":
-        if requested == "shm" and any(n != learner_node for n in engine_nodes):
+def choose_transport(requested: str, learner_node: str, engine_nodes: list[str], shm_free: int | None = None,
+                     shm_needed: int | None = None) -> str:
+    """'auto': shm when every engine shares learner rank 0's node (one memcpy each side) and that node's /dev/shm
+    has room for one copy of the policy, else the collective broadcast (the cluster path: NCCL between GPUs, gloo
+    between CPU nodes).
+
+    shm_free: free bytes of /dev/shm on learner rank 0's node (oirl.weights.shm_free_bytes, measured there);
+    shm_needed: the policy's bytes as published (``policy_bytes``). The shm transport holds one copy there at a
+    time (sync.shm_reuse keeps it between syncs); a tmpfs that runs out mid-export fails with SIGBUS in the
+    learner, not with an error. Either None: not checked."""
+    same_node = all(n == learner_node for n in engine_nodes)
+    fits = shm_free is None or shm_needed is None or shm_needed <= shm_free
+    if requested == "shm":
+        if not same_node:
             raise SyncError("sync.transport=shm needs every engine on learner rank 0's node; "
                             "use sync.transport=collective (or auto) on multi-node clusters")
+        if not fits:
+            raise SyncError(f"sync.transport=shm needs {_gib(shm_needed)} free in /dev/shm on learner rank 0's node "
+                            f"(one copy of the policy) but it has {_gib(shm_free)}; enlarge /dev/shm (KubeRay: the "
+                            "dshm emptyDir's sizeLimit and the pod's memory; Docker: --shm-size), or use "
+                            "sync.transport=collective (or auto, which then picks it)")
         return requested
-    return "shm" if all(n == learner_node for n in engine_nodes) else "collective"
+    if requested != "auto":
+        return requested
+    if same_node and not fits:
+        logger.warning("sync.transport=auto: /dev/shm on learner rank 0's node has %s free but a copy of the policy "
+                       "needs %s; using the collective transport instead of shm", _gib(shm_free), _gib(shm_needed))
+        return "collective"
+    return "shm" if same_node else "collective"
+
+
+def _gib(nbytes: int | None) -> str:
+    return f"{(nbytes or 0) / 2**30:.2f} GiB ({nbytes} bytes)"
+
+
+def policy_bytes(expected: dict[str, tuple[int, ...]] | None, dtype: str) -> int | None:
+    """Bytes of the policy as the learner publishes it: every tensor of the checkpoint (``checkpoint_tensors``,
+    from the safetensors headers) in the training dtype (model.dtype). None when the checkpoint is unknown."""
+    if expected is None:
+        return None
+    import torch
+
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    return sum(int(np.prod(shape, dtype=np.int64)) for shape in expected.values()) * itemsize
 
 
 def form_weight_group(learner: Any, engines: list[Any], timeout_s: float) -> None:

@@ -101,14 +101,24 @@ def pack_bucket(group: list[tuple[str, torch.Tensor]], alloc: Callable[[int], np
     return Bucket(metas, offset), buf
 
 
-def unpack_bucket(bucket: Bucket, buf: np.ndarray) -> Iterator[tuple[str, torch.Tensor]]:
-    """Views into ``buf`` (no copy): the engine's reload copies them into its own parameters."""
-    if not buf.nbytes:
+def unpack_bucket(bucket: Bucket, buf: np.ndarray | torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Views into ``buf`` (no copy): the engine's reload copies them into its own parameters. ``buf`` is a host
+    buffer, or a flat uint8 tensor on any device (the collective transport's receive buffer on the engine's GPU:
+    the views stay there, so the reload copies device to device)."""
+    if isinstance(buf, torch.Tensor):
+        raw = buf.view(torch.uint8).reshape(-1)
+    elif not buf.nbytes:
         raw = torch.empty(0, dtype=torch.uint8)
     else:
         raw = torch.frombuffer(memoryview(buf), dtype=torch.uint8)  # type: ignore[arg-type]
     for m in bucket.tensors:
         yield m.name, raw[m.offset: m.offset + m.nbytes].view(_DTYPES[m.dtype]).view(m.shape)
+
+
+def host_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A flat uint8 tensor's bytes as a host array for ``fingerprint``: a view on the CPU, a device-to-host copy of
+    an accelerator's tensor (XXH3 runs on the CPU; the reload still reads the tensor where it is)."""
+    return tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy()
 
 
 def fingerprint(buckets: list[Bucket], buffers: list[np.ndarray]) -> str:
@@ -136,6 +146,12 @@ def fingerprint(buckets: list[Bucket], buffers: list[np.ndarray]) -> str:
 # /dev/shm may be shared by several users of the node: every file oirl creates there is created 0600 (the policy's
 # weights are not for other users to read; a chmod after creation would leave a window), and the cleaner looks only
 # at files its own user owns (another user's run is theirs to clean, and its 0600 lock cannot even be opened).
+
+
+def shm_free_bytes(shm_dir: str) -> int:
+    """Bytes an unprivileged writer may still allocate in ``shm_dir`` (statvfs: available blocks x block size)."""
+    st = os.statvfs(shm_dir)
+    return st.f_bavail * st.f_frsize
 
 
 def shm_bucket_path(shm_dir: str, run_id: str, version: int, index: int) -> str:
@@ -250,6 +266,25 @@ def join_weight_group(master_ip: str, master_port: int, rank: int, world: int, d
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(prefixed, rank, world, opts), store
     return dist.ProcessGroupGloo(prefixed, rank, world, timeout), store
+
+
+def leave_weight_group(handle: tuple[Any, Any] | None) -> None:
+    """Abort the group ``join_weight_group`` returned, before a new one is formed (an engine was replaced).
+
+    The old group still counts the dead engine as a member. Merely dropped, an NCCL group lives as long as anything
+    references it (the broadcast that failed when the engine died keeps its work item, and the group, alive), and
+    NCCL's watchdog then times that work out and, by default (TORCH_NCCL_ASYNC_ERROR_HANDLING), tears the whole
+    process down; ``abort()`` ends the group's communicators now without waiting on any peer. The group was built
+    directly, not through ``init_process_group``, so ``torch.distributed.destroy_process_group`` does not know it:
+    ``abort`` is the group's own call for this. Gloo's is a no-op in torch 2.13 (its sockets close when the object
+    goes, right after)."""
+    if handle is None:
+        return
+    group, _store = handle
+    try:
+        group.abort()
+    except Exception:  # a broken group is what is being discarded; the new one is what matters
+        logger.warning("aborting the previous weight-broadcast group failed", exc_info=True)
 
 
 def broadcast_bucket(group: Any, tensor: torch.Tensor, timeout_s: float) -> None:
