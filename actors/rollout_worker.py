@@ -68,8 +68,12 @@ class RolloutConfig:
     cuda_graphs: bool = True
     """GPU engines capture CUDA graphs (vLLM's default, much faster decoding); false = eager. CPU engines always
     run eager."""
-    max_num_seqs: int = field(default=64, metadata=bounds(ge=1))
-    """vLLM scheduler batch limit."""
+    max_num_seqs: int = field(default=0, metadata=bounds(ge=0, why="0 sizes it to the batch"))
+    """Sequences an engine runs at once (vLLM's scheduler limit). 0: the engine's share of a batch (prompts per
+    engine x samples_per_prompt), at most MAX_NUM_SEQS."""
+    max_model_len: int = field(default=0, metadata=bounds(ge=0, why="0 is the prompt + response budget"))
+    """Longest sequence an engine holds (prompt + response). 0: data.max_prompt_tokens + rollout.max_new_tokens, so
+    vLLM sizes its KV cache for the run's sequences, not for the model's whole context window."""
     timeout_s: float = field(default=900.0, metadata=bounds(gt=0, why="every remote wait needs a timeout"))
     """Longest wait for one generate call before the driver fails the iteration."""
     async_steps: int = field(default=0, metadata=bounds(ge=0, le=1, why="0 on-policy, 1 one-step-off"))
@@ -118,6 +122,31 @@ class SyncConfig:
     """Longest wait for one engine to load a version."""
 
 
+MAX_NUM_SEQS = 1024  # vLLM 0.32's own default for offline use on 70+ GB GPUs; more only queues longer
+
+
+def engine_kwargs(cfg: RolloutConfig, model_path: str, dtype: str, seed: int, engine_index: int = 0) -> dict[str, Any]:
+    """What the engine is built with (vllm.LLM's keyword arguments), from the config alone. ``cfg.max_model_len``
+    and ``cfg.max_num_seqs`` as the driver resolved them (oirl.plan.engine_config); 0 in a config built by hand
+    leaves vLLM's default (the model's context window; 256 or more sequences)."""
+    kwargs: dict[str, Any] = dict(
+        model=model_path, tokenizer=model_path, dtype=dtype, seed=seed + engine_index,
+        enforce_eager=not (cfg.cuda_graphs and cfg.num_gpus > 0),
+        enable_prefix_caching=True,
+        worker_extension_cls="actors.vllm_extension.WeightReceiver",
+        logprobs_mode="processed_logprobs",  # logprobs of the distribution actually sampled (temperature)
+    )
+    if cfg.max_num_seqs:
+        kwargs["max_num_seqs"] = cfg.max_num_seqs
+    if cfg.max_model_len:
+        kwargs["max_model_len"] = cfg.max_model_len
+    if cfg.in_process_engine:
+        kwargs["distributed_executor_backend"] = "uni"
+    if cfg.num_gpus > 0:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    return kwargs
+
+
 def engine_threads(cfg: RolloutConfig) -> int:
     """See RolloutConfig.cpu_threads."""
     if cfg.cpu_threads > 0:
@@ -144,19 +173,8 @@ class RolloutWorker:
             torch.set_num_threads(self.threads)  # in case torch was imported already; vLLM binds after this
         from vllm import LLM
 
-        kwargs: dict[str, Any] = dict(
-            model=model_path, tokenizer=model_path, dtype=dtype, seed=seed + engine_index,
-            max_num_seqs=cfg.max_num_seqs, enforce_eager=not (cfg.cuda_graphs and cfg.num_gpus > 0),
-            enable_prefix_caching=True,
-            worker_extension_cls="actors.vllm_extension.WeightReceiver",
-            logprobs_mode="processed_logprobs",  # logprobs of the distribution actually sampled (temperature)
-        )
-        if cfg.in_process_engine:
-            kwargs["distributed_executor_backend"] = "uni"
-        if cfg.num_gpus > 0:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         t0 = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**engine_kwargs(cfg, model_path, dtype, seed, engine_index))
         logger.info("engine %d ready in %.1fs", engine_index, time.perf_counter() - t0)
 
     def node_id(self) -> str:

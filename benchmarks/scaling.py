@@ -176,13 +176,14 @@ def calibrate(results: Path) -> tuple[cm.Efficiency, dict[str, Any]]:
 def gpu_workload() -> cm.Workload:
     """The GPU recipe's batch as the cost model's workload (every sample runs to max_new_tokens)."""
     from oirl.config import load_config
+    from oirl.plan import engine_config
 
     cfg = load_config(str(REPO / "configs" / "gpu.yaml"), check_paths=False)
     lr = cfg.learner
     return cm.Workload(samples=cfg.batch_size, prompt_tokens=cfg.data.max_prompt_tokens,
                        response_tokens=cfg.rollout.max_new_tokens, epochs=lr.ppo_epochs,
                        num_minibatches=lr.num_minibatches, policy_forward=True, reference=lr.kl_coef > 0,
-                       max_num_seqs=cfg.rollout.max_num_seqs)
+                       max_num_seqs=engine_config(cfg).max_num_seqs)  # as the engines are built
 
 
 def missing_features(layout: dict[str, Any], reference: bool) -> list[str]:

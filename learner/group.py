@@ -29,8 +29,11 @@ def rank_bundles(cfg: LearnerConfig, resources: dict[str, float] | None = None) 
 
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, model_path: str, dtype: str, seed: int, temperature: float,
-                 run_id: str, micro_batch: int, resources: dict[str, float] | None = None):
-        """resources: extra custom resources per rank (e.g. {'oirl_learner': 1} to pin ranks to a node group)."""
+                 run_id: str, micro_batch: int, resources: dict[str, float] | None = None,
+                 storage_probe: tuple[str, str] | None = None):
+        """resources: extra custom resources per rank (e.g. {'oirl_learner': 1} to pin ranks to a node group).
+        storage_probe: (path, token) of the file the driver wrote under --out; every rank checks that it sees it
+        before anything is loaded (oirl.checkpoint.check_storage_probe)."""
         self.cfg = cfg
         bundles = rank_bundles(cfg, resources)
         self.pg = placement_group(bundles, strategy="PACK", name=f"oirl-learner-{run_id}")
@@ -52,6 +55,15 @@ class LearnerGroup:
             ).remote(cfg, r, model_path, dtype, seed, temperature, run_id)
             for r in range(cfg.num_ranks)
         ]
+        if storage_probe is not None:
+            try:
+                get_all(self.submit("check_storage", *storage_probe), cfg.timeout_s, "checking --out from every "
+                        "learner rank", [f"learner rank {r} ({self.names[r]})" for r in range(cfg.num_ranks)])
+            except Exception:
+                for w in self.workers:
+                    ray.kill(w)
+                remove_placement_group(self.pg)
+                raise
         ip, port = self._get([self.workers[0].master_address.remote()], "master_address")[0]
         self.setup_stats = self.call("setup", ip, port, micro_batch)
 

@@ -16,6 +16,7 @@ RolloutBatch, and DeepSpeed averages gradients, so M ranks take the same step as
 
 Public methods (called on every rank by learner.group.LearnerGroup):
     master_address() -> (ip, port)                 # rank 0's, before setup
+    check_storage(probe_path, token)               # before setup: --out is storage this rank shares with the driver
     setup(master_ip, master_port, micro_batch)     # joins the group, builds models and their DeepSpeed engines
     prepare(batch, iteration, ...) -> stats        # old/ref logprobs, values, KL, advantages, on-policy check
     update() -> stats                              # epochs over mini-batches (only the critic during its warm-up)
@@ -69,6 +70,13 @@ class LearnerWorker(WeightPublisher):
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def check_storage(self, probe_path: str, token: str) -> None:
+        """At start: this rank sees the file the driver wrote under --out (shared storage), else an error naming
+        the rank and its node (oirl.checkpoint.check_storage_probe)."""
+        from oirl.checkpoint import check_storage_probe
+
+        check_storage_probe(probe_path, token, self.rank)
 
     def peak_rss_mib(self) -> float:
         """This rank's peak resident memory so far; no collective, so the driver can ask between phases."""

@@ -17,6 +17,49 @@ from pathlib import Path
 from typing import Any
 
 COMMIT = "committed.json"
+STORAGE_PROBE = ".oirl-storage-probe"  # under --out: written by the driver, read by every learner rank at start
+
+
+def write_storage_probe(out_dir: Path, token: str) -> Path:
+    """The file every learner rank must see before training starts (``check_storage_probe``): ``token`` (the run's
+    id), written atomically under ``out_dir``, which ranks on other nodes see only if it is on shared storage."""
+    path = out_dir / STORAGE_PROBE
+    tmp = out_dir / f"{STORAGE_PROBE}.tmp-{os.getpid()}"
+    with tmp.open("w") as f:
+        f.write(token)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def check_storage_probe(path: str, token: str, rank: int) -> None:
+    """A learner rank's check, at start, that it sees ``path`` as the driver wrote it for this run: the rank's
+    checkpoint files and the driver's commit record must land in one place, or --resume finds a checkpoint some
+    ranks cannot load (multi-node: --out on a node's local disk). Raises naming the rank and its node."""
+    import socket
+
+    try:
+        seen: str | None = Path(path).read_text()
+    except FileNotFoundError:
+        seen = None
+    if seen == token:
+        return
+    node = socket.gethostname()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node += f" (Ray node {ray.get_runtime_context().get_node_id()[:12]})"
+    except ImportError:  # benchmarks.gpu_check runs a rank without Ray
+        pass
+    found = "does not exist there" if seen is None else f"holds another run's id ({seen[:32]!r}, not {token!r})"
+    raise RuntimeError(
+        f"learner rank {rank} on node {node} does not see the file the driver wrote under --out: {path} {found}. "
+        "Every learner rank writes its checkpoint files under --out and the driver commits them there, so --out "
+        "must be on storage that the driver's node and every learner node mount at the same path (KubeRay: the "
+        "ReadWriteMany claim oirl-checkpoints mounted at /checkpoints, as deploy/kuberay/*.yaml do; an absolute "
+        "--out under it)")
 
 
 def commit(ckpt_dir: Path, tag: str, state: dict[str, Any]) -> None:

@@ -38,7 +38,14 @@ from oirl.config import OFFLINE_ENV, ConfigError, RunConfig, check_resume, fused
 from oirl.data import PromptDataset
 from oirl.metrics import MetricsLogger, plot_curves
 from oirl.models import resolve_model
-from oirl.plan import actor_options, placement_plan
+from oirl.plan import (
+    NODE_GROUPS_WAIT_S,
+    actor_options,
+    check_node_groups,
+    engine_config,
+    model_context_window,
+    placement_plan,
+)
 from oirl.remote import get_all
 from oirl.sync import (
     canary_due,
@@ -46,6 +53,7 @@ from oirl.sync import (
     checkpoint_tensors,
     choose_transport,
     form_weight_group,
+    policy_bytes,
     sync_weights,
 )
 from reward_server.reward_worker import spawn_reward_actor
@@ -111,6 +119,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     model_path = str(resolve_model(cfg.model))
     dataset = PromptDataset(cfg.data, AutoTokenizer.from_pretrained(model_path))
     expected_tensors = checkpoint_tensors(model_path)  # the independent count every sync is checked against
+    engines_cfg = engine_config(cfg, model_context_window(model_path))  # vLLM sized to the run's sequences
     check_critic_init(cfg.learner.critic_init, model_path)  # a reward model the critic can start from
     faults.configure(out)  # a malformed OIRL_FAULT fails now; a fault fires once per output directory
 
@@ -121,7 +130,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     pool = learner = None
     bar = None
     try:
-        pool = EnginePool(r, model_path, cfg.model.dtype, cfg.seed, run_id, actor_options(cfg, "rollout"))
+        check_node_groups(cfg, 0.0 if started else NODE_GROUPS_WAIT_S)  # pinned groups exist, before any actor
+        pool = EnginePool(engines_cfg, model_path, cfg.model.dtype, cfg.seed, run_id, actor_options(cfg, "rollout"))
         # A crashed reward actor is restarted by Ray and the lost score call retried on it (then a clear error);
         # it keeps no state of the run: the driver owns the normalisation moments and checkpoints them.
         reward = spawn_reward_actor(cfg.reward, model_path, f"oirl-reward-{run_id}",
@@ -132,9 +142,13 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             old_lp = "forward" if fused_old_logprobs_blockers(cfg) else "update"
         learner_cfg = dataclasses.replace(cfg.learner, max_new_tokens=cfg.learner.max_new_tokens or r.max_new_tokens,
                                           old_logprobs=old_lp)
+        probe = checkpoint.write_storage_probe(out, run_id)  # every rank must see it: --out is shared storage
         learner = LearnerGroup(learner_cfg, model_path, cfg.model.dtype, cfg.seed, r.temperature, run_id,
-                               micro_batch, resources=actor_options(cfg, "learner").get("resources"))
-        transport = choose_transport(cfg.sync.transport, learner.call_rank0("node_id"), pool.node_ids())
+                               micro_batch, resources=actor_options(cfg, "learner").get("resources"),
+                               storage_probe=(str(probe), run_id))
+        transport = choose_transport(cfg.sync.transport, learner.call_rank0("node_id"), pool.node_ids(),
+                                     learner.call_rank0("shm_free_bytes"),
+                                     policy_bytes(expected_tensors, cfg.model.dtype))
         logger.info("run %s: %d engines, %d learner ranks (ZeRO-%d), weight transport %s", run_id, r.num_engines,
                     cfg.learner.num_ranks, cfg.learner.zero_stage, transport)
 

@@ -17,9 +17,12 @@ not get the token (hand-set token mode on the head, nothing for the submitter) i
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 ROLES = ("rollout", "learner", "reward")
 
@@ -52,6 +55,85 @@ def actor_options(cfg: Any, role: str) -> dict[str, Any]:
     if cfg.pin_node_groups:
         opts["resources"] = {plan.resource_name: 1}
     return opts
+
+
+def missing_node_groups(cfg: Any, available: dict[str, float]) -> list[str]:
+    """With ``pin_node_groups``, every custom resource ``oirl_<group>`` the plan's actors ask for, short in
+    ``available`` (``ray.cluster_resources()``): 'oirl_rollout (2 needed, 0 advertised)'. Empty when nothing is
+    short or nothing is pinned."""
+    if not cfg.pin_node_groups:
+        return []
+    needed: dict[str, int] = {}
+    for p in placement_plan(cfg):
+        if p.count:
+            needed[p.resource_name] = needed.get(p.resource_name, 0) + p.count
+    return [f"{name} ({n} needed, {available.get(name, 0):g} advertised)" for name, n in needed.items()
+            if available.get(name, 0) < n]
+
+
+NODE_GROUPS_WAIT_S = 60.0  # a joined cluster's worker nodes may still be registering when the job starts
+
+
+def check_node_groups(cfg: Any, wait_s: float = 0.0) -> None:
+    """Fail at start-up, before any actor is spawned, when ``pin_node_groups`` asks for custom resources no node
+    advertises: each actor would otherwise wait for them until the learner's placement times out (30 minutes
+    by default) and then report missing CPUs/GPUs. Polls ``ray.cluster_resources()`` for up to ``wait_s`` (nodes
+    still joining a cluster); the embedded local cluster can gain none, so the driver passes 0 for it."""
+    import time
+
+    import ray
+
+    from oirl.config import ConfigError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        missing = missing_node_groups(cfg, ray.cluster_resources())
+        if not missing or time.monotonic() >= deadline:
+            break
+        time.sleep(2.0)
+    if missing:
+        groups = ", ".join(f"{p.resource_name} on the {p.node_group} group" for p in placement_plan(cfg) if p.count)
+        raise ConfigError(
+            f"pin_node_groups=true, but the Ray cluster does not advertise what the actors ask for: "
+            f"{'; '.join(missing)}. Each actor would wait for it until a timeout. Start each worker node with its "
+            """group's resource (`ray start --address ... --resources='{"oirl_rollout": 1000}'`; KubeRay: """
+            f"rayStartParams.resources of each worker group, as deploy/kuberay/*.yaml do: {groups}), or set "
+            "pin_node_groups=false on a cluster without node groups")
+
+
+def engine_config(cfg: Any, model_max_len: int | None = None) -> Any:
+    """The rollout config the engines are built with (actors.rollout_worker.engine_kwargs): ``max_model_len`` and
+    ``max_num_seqs`` resolved from the run when left at 0.
+
+    max_model_len: the prompt budget + the response budget (data.max_prompt_tokens + rollout.max_new_tokens), at
+    most ``model_max_len`` (the model's context window; a budget beyond it could not be generated anyway). Left to
+    itself vLLM reserves room for the whole window, and on a GPU refuses to start a 32k- or 128k-context model
+    whose window does not fit its KV cache. max_num_seqs: one engine's share of a batch (its prompts x
+    rollout.samples_per_prompt), so every sample of its shard runs at once, at most MAX_NUM_SEQS."""
+    import dataclasses
+
+    from actors.rollout_worker import MAX_NUM_SEQS
+
+    r = cfg.rollout
+    length = r.max_model_len or cfg.data.max_prompt_tokens + r.max_new_tokens
+    if model_max_len and length > model_max_len:
+        logger.warning("data.max_prompt_tokens + rollout.max_new_tokens = %d exceeds the model's context window "
+                       "(%d): the engines hold %d tokens per sequence", length, model_max_len, model_max_len)
+        length = model_max_len
+    per_engine = -(-cfg.data.prompts_per_iteration // r.num_engines) * r.samples_per_prompt
+    return dataclasses.replace(r, max_model_len=length, max_num_seqs=r.max_num_seqs or min(per_engine, MAX_NUM_SEQS))
+
+
+def model_context_window(model_path: str) -> int | None:
+    """The model's context window from its config.json (max_position_embeddings, or n_positions); None if absent."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def learner_bundles(cfg: Any) -> list[dict[str, float]]:

@@ -177,3 +177,25 @@ def test_save_failure_reports_the_space_of_the_nearest_existing_directory(tmp_pa
     msg = checkpoint.save_failure(tmp_path / "not" / "yet", "iter_1", OSError(28, "No space left on device"))
     assert f"under {tmp_path}/not/yet failed (OSError: [Errno 28] No space left on device)" in msg
     assert f"on the filesystem of {tmp_path}" in msg
+
+
+# ---- --out on shared storage: every learner rank sees the file the driver wrote there --------------------------
+
+
+def test_a_rank_that_does_not_see_the_drivers_file_names_itself_and_its_node(tmp_path):
+    import socket
+
+    out = tmp_path / "out"
+    out.mkdir()
+    probe = checkpoint.write_storage_probe(out, "run-a")
+    assert probe == out / checkpoint.STORAGE_PROBE and probe.read_text() == "run-a"
+    checkpoint.check_storage_probe(str(probe), "run-a", rank=0)  # the driver's file, this run's id: passes
+    # A rank whose --out is another directory (a node's local disk): the driver's file is not there.
+    elsewhere = tmp_path / "node-local" / checkpoint.STORAGE_PROBE
+    with pytest.raises(RuntimeError, match=rf"learner rank 3 on node {socket.gethostname()} does not see the file "
+                                           rf"the driver wrote under --out: {elsewhere} does not exist there"):
+        checkpoint.check_storage_probe(str(elsewhere), "run-a", rank=3)
+    # The same path holding an earlier run's file (a local directory that a previous run wrote): not this run's.
+    with pytest.raises(RuntimeError, match=r"learner rank 1 .* holds another run's id \('run-a', not 'run-b'\).*"
+                                           r"ReadWriteMany claim oirl-checkpoints"):
+        checkpoint.check_storage_probe(str(probe), "run-b", rank=1)
