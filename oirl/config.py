@@ -359,6 +359,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            "e.g. OIRL_REWARD_TOKEN) that holds the token, never the token itself")
     _check(rw.model_dtype in ("float32", "bfloat16"),
            f"reward.model_dtype={rw.model_dtype!r} must be float32 or bfloat16 (bfloat16 on GPUs)")
+    _check(rw.on_failure in ("error", "drop"),
+           f"reward.on_failure={rw.on_failure!r} must be 'error' (a sample whose reward fails stops the run) or "
+           "'drop' (it leaves the batch and reward/failed counts it)")
     if rw.model_path and check_paths:
         _check((resolve_path(rw.model_path) / "config.json").is_file(),
                f"reward.model_path={rw.model_path!r} is not an HF folder (no config.json); {BUILD_REWARD_MODEL}")

@@ -56,6 +56,7 @@ from oirl.sync import (
     policy_bytes,
     sync_weights,
 )
+from reward_server.failures import drop_failed
 from reward_server.reward_worker import spawn_reward_actor
 
 logger = logging.getLogger(__name__)
@@ -220,8 +221,18 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                 faults.point("reward", it)
                 if faults.actor_to_kill("reward", it):
                     ray.kill(reward, no_restart=False)  # Ray restarts it and retries the call
-                rewards, reward_state = get_all([ref], cfg.reward.timeout_s, f"reward (iteration {it})",
-                                                ["the reward actor"])[0]
+                # The actor retries transient backend failures within reward.timeout_s, then raises naming the
+                # sample; the extra minute lets that answer (and the scoring after the last retry) arrive.
+                rewards, reward_state, failed = get_all([ref], cfg.reward.timeout_s + 60.0, f"reward (iteration {it})",
+                                                        ["the reward actor"])[0]
+                # reward.on_failure=drop: failed samples leave the batch (group-relative: with their prompt group)
+                scored = batch.num_rows
+                batch, rewards = drop_failed(batch, rewards, failed, cfg.learner.algorithm in ("grpo", "rloo"),
+                                             cfg.learner.num_ranks * cfg.learner.num_minibatches)
+                reward_stats = {"reward/failed": float(len(failed)), "reward/dropped": float(scored - batch.num_rows)}
+                if failed:
+                    logger.warning("iteration %d: %d rewards failed, %d of %d samples left the batch (first: %s)",
+                                   it, len(failed), scored - batch.num_rows, scored, failed[min(failed)])
                 batch = add_column(batch, "reward", rewards)
 
             with timed(timings, "prepare"):  # old + reference logprobs, values, KL-shaped rewards, GAE
@@ -262,7 +273,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                 memory = peak_memory(pool.engines, learner, reward)
 
             timings["timing_s/iteration"] = time.perf_counter() - t_iter
-            last = iteration_metrics(it, batch, rewards, timings, prep, upd, sync_stats, memory,
+            last = iteration_metrics(it, batch, rewards, timings, prep, upd, sync_stats, memory, reward_stats,
                                      {"rollout/on_policy_checked": float(verdict == "passed")},
                                      engine_restarts=restarts_before + pool.restarts)
             if save:

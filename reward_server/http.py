@@ -16,9 +16,11 @@ its own text. Scoring over HTTP never updates the running normalisation statisti
 remote client cannot shift a training run's state.
 
 Limits: at most ``max_connections`` connections are served at once (more get 503 at once, not a new thread each);
-each request (request line, headers and body, and the wait for the next request on a kept-alive connection) must
-arrive within ``read_timeout_s``, so a client that stalls or trickles its bytes cannot hold a connection slot;
-body size, samples per request and a per-request scoring timeout. It binds 127.0.0.1 by default and refuses to
+each request (request line, headers and body) must arrive within ``read_timeout_s``, so a client that stalls or
+trickles its bytes cannot hold a connection slot: a request begun and not finished in time gets 408 (whichever part
+stalled), a connection on which no request begins in that time (a fresh one, or a kept-alive one between requests) is
+closed without an answer, as there is no request to answer and a kept-alive client could take one for the answer to
+its next request; body size, samples per request and a per-request scoring timeout. It binds 127.0.0.1 by default and refuses to
 start on any other address without a bearer token; with a token, every request must carry it.
 """
 
@@ -57,7 +59,7 @@ class ServerConfig:
     max_connections: int = 32
     """Connections served at once; one more gets 503 right away."""
     read_timeout_s: float = 10.0
-    """A request must arrive (line, headers, body) within this; an idle kept-alive connection is closed after it."""
+    """A request must arrive (line, headers, body) within this, else 408; a connection idle for it is closed."""
 
 
 class RequestError(Exception):
@@ -322,6 +324,11 @@ class _BoundedServer(ThreadingHTTPServer):
         logger.debug("connection from %s ended with an error", client_address, exc_info=True)
 
 
+class _Stalled(Exception):
+    """The client did not send its request within read_timeout_s. Not a TimeoutError on purpose: http.server
+    catches those and closes the connection without an answer, while a client whose request began is owed a 408."""
+
+
 class _DeadlineReader(io.RawIOBase):
     """The connection as a raw stream whose every recv waits at most until the handler's current deadline."""
 
@@ -334,9 +341,12 @@ class _DeadlineReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         remaining = self.handler.deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError("request not received in time")
+            raise _Stalled("request not received in time")
         self.sock.settimeout(remaining)
-        return self.sock.recv_into(buffer)
+        try:
+            return self.sock.recv_into(buffer)
+        except TimeoutError as e:
+            raise _Stalled("request not received in time") from e
 
 
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
@@ -368,7 +378,18 @@ def make_server(worker: Any, cfg: ServerConfig) -> ThreadingHTTPServer:
 
         def handle_one_request(self) -> None:
             self.deadline = time.monotonic() + cfg.read_timeout_s
-            super().handle_one_request()
+            try:
+                begun = self.rfile.peek(1)  # the next request's first byte (or bytes a pipelining client sent)
+            except _Stalled:
+                begun = b""
+            if not begun:  # idle or closed by the client: no request to answer
+                self.close_connection = True
+                return
+            try:
+                super().handle_one_request()
+            except _Stalled:  # the request line or the headers stalled (a stalled body is answered in _read_body)
+                self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+                self.send_error(408, f"request line and headers not received within {cfg.read_timeout_s}s")
 
         def log_message(self, fmt: str, *args: Any) -> None:
             logger.debug("%s " + fmt, self.address_string(), *args)
@@ -435,7 +456,7 @@ def make_server(worker: Any, cfg: ServerConfig) -> ThreadingHTTPServer:
                 raise RequestError(413, f"body of {length} bytes exceeds the limit of {cfg.max_body_bytes}")
             try:
                 data = self.rfile.read(length)
-            except TimeoutError as e:
+            except _Stalled as e:
                 self.close_connection = True
                 raise RequestError(408, f"body not received within {cfg.read_timeout_s}s") from e
             if len(data) < length:

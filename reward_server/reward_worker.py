@@ -3,7 +3,7 @@ inverse RL: a reward learned offline, queried online).
 
 Public methods (its RPC surface; the HTTP front in reward_server/http.py calls the same class in-process):
     score(batch: pa.Table) -> np.ndarray[float32]                     # one scalar reward per row
-    score_batch(batch, norm_state: dict | None) -> (np.ndarray[float32], dict)
+    score_batch(batch, norm_state: dict | None) -> (np.ndarray[float32], dict, dict[int, str])
     score_texts(prompts, responses, references, update_stats=True) -> np.ndarray[float32]
     stats() -> dict
     peak_rss_mib() -> float                                           # this actor's peak memory
@@ -11,8 +11,14 @@ Public methods (its RPC surface; the HTTP front in reward_server/http.py calls t
 Reads the RolloutBatch columns prompt_token_ids, response_token_ids and reference; the driver adds the result as
 the ``reward`` column. Backends, combined as a weighted sum: a rule (GSM8K final-answer match, synthetic digits), a
 user function given by import path, a learned reward model (transformers sequence classification with one scalar
-output), and a remote reward server over HTTP. Then optional running normalisation and clipping. A NaN or inf is
-an error naming the sample.
+output), and a remote reward server over HTTP. Then optional running normalisation and clipping.
+
+A failed reward is never a 0 (reward_server/failures.py): a transient failure of a backend (a refused or reset
+connection, a timeout, HTTP 429/502/503/504) is retried with backoff within ``reward.timeout_s``; past that, or on
+any other failure (a user function's TypeError, a 4xx, a NaN or inf reward), the call raises an error naming the
+sample (row, prompt_id). With ``reward.on_failure=drop``, ``score_batch`` instead returns the failed rows (row ->
+message; their rewards NaN) and the driver removes them from the batch. A failure the reward model or the remote
+server has on a batch is narrowed down by scoring its rows one by one, so only the samples that fail are named.
 
 Running normalisation: ``score`` keeps the moments (count, mean, m2) in the actor, so they are lost when the actor
 restarts. ``score_batch`` takes them from the caller and returns the updated moments as plain JSON-able data, so the
@@ -31,6 +37,7 @@ import json
 import logging
 import math
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -40,6 +47,18 @@ from typing import Any
 import numpy as np
 
 from oirl.bounds import any_value, bounds
+from reward_server.failures import (
+    REQUEST_LEVEL,
+    TRANSIENT_STATUS,
+    GaveUp,
+    Refused,
+    RewardFailure,
+    TransientHTTPError,
+    call_with_retries,
+    describe_rows,
+    failure_reason,
+    retry_after_s,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +106,11 @@ class RewardConfig:
     max_restarts: int = field(default=1, metadata=bounds(ge=0, why="0: a crash ends the run"))
     """Ray restarts the actor after a crash this many times; a lost call is retried on the restarted actor."""
     timeout_s: float = field(default=300.0, metadata=bounds(gt=0, why="every remote wait needs a timeout"))
-    """Longest wait for one score call (and for one HTTP request to a remote server)."""
+    """Budget of one score call: transient backend failures are retried within it (the driver waits 60 s longer)."""
+    attempt_timeout_s: float = field(default=60.0, metadata=bounds(gt=0, why="every remote wait needs a timeout"))
+    """Longest wait for one HTTP request to the remote server; a request that times out is retried (timeout_s)."""
+    on_failure: str = "error"
+    """A reward still failing after retries: 'error' stops the run naming the sample; 'drop' leaves it out."""
 
 
 def load_function(path: str) -> Callable[[str, str, str], float]:
@@ -197,83 +220,162 @@ class RewardWorker:
         self.moments = RunningMoments()
         self.scored = 0
 
-    # ---- backends ------------------------------------------------------------------------------------------
+    # ---- backends: [B] float64 each, NaN where a row failed (reported through ``fail``) -------------------------
 
-    def _rule(self, responses: list[str], references: list[str], response_ids: list[list[int]] | None) -> np.ndarray:
+    def _rows(self, rows: Any, value: Callable[[int], float], what: str, fail: Callable, deadline: float,
+              out: np.ndarray, hint: str = "") -> None:
+        """out[i] = value(i) for each row i, transient failures retried; a row that still fails goes to ``fail``."""
+        for i in rows:
+            try:
+                out[i] = call_with_retries(lambda _timeout, i=i: float(value(i)), what, deadline,
+                                           self.cfg.attempt_timeout_s)
+            except Exception as e:
+                fail([i], failure_reason(what, e, hint))
+
+    def _rule(self, responses: list[str], references: list[str], response_ids: list[list[int]] | None,
+              fail: Callable, deadline: float) -> np.ndarray:
         from reward_server import rules
 
+        out = np.full(len(responses), np.nan)
         if self.cfg.kind == "gsm8k":
-            out = np.zeros(len(responses))
-            for i, (r, ref) in enumerate(zip(responses, references)):
-                try:
-                    out[i] = rules.gsm8k_reward(r, ref, self.cfg.format_bonus)
-                except ValueError as e:
-                    raise ValueError(f"sample {i}: {e} (reward.kind=gsm8k needs a reference answer per row)") from e
-            return out
-        if self.cfg.kind == "synthetic_digits":
-            if response_ids is None:
-                response_ids = [self.tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
-            return np.array([rules.digit_fraction([self.tokenizer.decode([t]) for t in ids])
-                             for ids in response_ids], dtype=np.float64)
-        return np.zeros(len(responses))
+            bonus = self.cfg.format_bonus
+            self._rows(range(len(responses)), lambda i: rules.gsm8k_reward(responses[i], references[i], bonus),
+                       "reward.kind=gsm8k", fail, deadline, out, " (reward.kind=gsm8k needs a reference answer per row)")
+        elif self.cfg.kind == "synthetic_digits":
+            ids = response_ids if response_ids is not None else [
+                self.tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
+            self._rows(range(len(responses)),
+                       lambda i: rules.digit_fraction([self.tokenizer.decode([t]) for t in ids[i]]),
+                       "reward.kind=synthetic_digits", fail, deadline, out)
+        else:
+            out[:] = 0.0
+        return out
 
-    def _model(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+    def _function(self, prompts: list[str], responses: list[str], references: list[str], fail: Callable,
+                  deadline: float) -> np.ndarray:
+        assert self.function is not None, "called without reward.function"
+        f, out = self.function, np.full(len(responses), np.nan)
+        self._rows(range(len(responses)), lambda i: f(prompts[i], responses[i], references[i]),
+                   f"reward.function {self.cfg.function}", fail, deadline, out)
+        return out
+
+    def _forward(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        """The reward model's scalar [len(prompts)] for these pairs, in one forward."""
         import torch
 
-        out = []
-        for s in range(0, len(prompts), self.cfg.model_batch_size):
-            enc = self.rm_tokenizer(prompts[s: s + self.cfg.model_batch_size],
-                                    responses[s: s + self.cfg.model_batch_size], truncation=True,
-                                    max_length=self.cfg.model_max_tokens, padding=True, return_tensors="pt")
-            with torch.no_grad():
-                logits = self.model(**enc.to(self.device)).logits
-            out.append(logits[:, 0].double().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
+        enc = self.rm_tokenizer(prompts, responses, truncation=True, max_length=self.cfg.model_max_tokens,
+                                padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = self.model(**enc.to(self.device)).logits
+        return logits[:, 0].double().cpu().numpy()
 
-    def _remote(self, prompts: list[str], responses: list[str], references: list[str]) -> np.ndarray:
+    def _model(self, prompts: list[str], responses: list[str], fail: Callable, deadline: float) -> np.ndarray:
+        out = np.full(len(prompts), np.nan)
+        what = f"reward model {self.cfg.model_path}"
+        for s in range(0, len(prompts), self.cfg.model_batch_size):
+            rows = list(range(s, min(len(prompts), s + self.cfg.model_batch_size)))
+            try:
+                out[rows] = call_with_retries(lambda _timeout, rows=rows: self._forward(
+                    [prompts[i] for i in rows], [responses[i] for i in rows]), what, deadline, self.cfg.attempt_timeout_s)
+            except Exception as e:
+                if len(rows) == 1 or isinstance(e, GaveUp):
+                    fail(rows, failure_reason(what, e))
+                else:  # find the rows it fails on: each alone
+                    self._rows(rows, lambda i: self._forward([prompts[i]], [responses[i]])[0], what, fail,
+                               deadline, out)
+        return out
+
+    def _request(self, prompts: list[str], responses: list[str], references: list[str], timeout: float) -> np.ndarray:
+        """One POST /score; a transient answer raises TransientHTTPError, any other bad one Refused."""
+        url = self.cfg.url
         body = json.dumps({"prompts": prompts, "responses": responses, "references": references}).encode()
-        req = urllib.request.Request(self.cfg.url.rstrip("/") + "/score", data=body, method="POST",
+        req = urllib.request.Request(url.rstrip("/") + "/score", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
         if self._url_token:
             req.add_header("Authorization", f"Bearer {self._url_token}")
         try:
-            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                rewards = json.loads(resp.read())["rewards"]
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
         except urllib.error.HTTPError as e:
             detail = e.read()[:500].decode(errors="replace")
+            if e.code in TRANSIENT_STATUS:
+                raise TransientHTTPError(f"reward server {url} answered {e.code}: {detail}",
+                                         retry_after_s(e.headers.get("Retry-After"))) from e
             fix = (f"; put the server's token in ${self.cfg.url_token_env} or in the file reward.url_token_file "
                    "where the reward actor runs") if e.code == 401 else ""
-            raise ValueError(f"reward server {self.cfg.url} answered {e.code}: {detail}{fix}") from e
+            raise Refused(f"reward server {url} answered {e.code}: {detail}{fix}", e.code) from e
+        try:
+            rewards = json.loads(raw)["rewards"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise Refused(f"reward server {url} answered without a JSON object holding 'rewards': {raw[:200]!r}",
+                          None) from e
         if not isinstance(rewards, list) or len(rewards) != len(prompts):
-            raise ValueError(f"reward server {self.cfg.url} returned {len(rewards) if isinstance(rewards, list) else rewards!r:.80} "
-                             f"rewards for {len(prompts)} rows")
-        return np.asarray(rewards, dtype=np.float64)
+            raise Refused(f"reward server {url} returned {len(rewards) if isinstance(rewards, list) else rewards!r:.80} "
+                          f"rewards for {len(prompts)} rows", None)
+        try:
+            return np.asarray([np.nan if r is None else r for r in rewards], dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise Refused(f"reward server {url} returned rewards that are not numbers: {rewards!r:.200}", None) from e
+
+    def _remote(self, prompts: list[str], responses: list[str], references: list[str], fail: Callable,
+                deadline: float) -> np.ndarray:
+        out = np.full(len(prompts), np.nan)
+        what = f"reward server {self.cfg.url}"
+
+        def request(rows: list[int]) -> np.ndarray:
+            return call_with_retries(lambda timeout: self._request(
+                [prompts[i] for i in rows], [responses[i] for i in rows], [references[i] for i in rows], timeout),
+                what, deadline, self.cfg.attempt_timeout_s)
+
+        rows = list(range(len(prompts)))
+        try:
+            out[:] = request(rows)
+        except Refused as e:
+            if len(rows) > 1 and e.status is not None and e.status not in REQUEST_LEVEL:
+                # The server failed on something in the batch (400, 422, 500): one request per row finds what.
+                self._rows(rows, lambda i: request([i])[0], what, fail, deadline, out)
+            else:
+                fail(rows, failure_reason(what, e))
+        except Exception as e:  # GaveUp: the server stayed unreachable or overloaded for the whole budget
+            fail(rows, failure_reason(what, e))
+        return out
 
     # ---- public --------------------------------------------------------------------------------------------
 
     def _combined(self, prompts: list[str], responses: list[str], references: list[str] | None,
-                  response_ids: list[list[int]] | None) -> np.ndarray:
-        """Weighted sum of the backends [B] (float64), before normalisation; a non-finite reward is an error."""
+                  response_ids: list[list[int]] | None, name: Callable[[int], str] = lambda i: f"sample {i}",
+                  keep_going: bool = False, hint: str = "") -> tuple[np.ndarray, dict[int, str]]:
+        """Weighted sum of the backends [B] (float64), before normalisation, and the failed rows {row: message}
+        (NaN in the sum). keep_going=False raises RewardFailure at the first failure, its message naming the
+        sample(s) by ``name`` and ending in ``hint``; a NaN or inf reward is a failure too."""
         references = references if references is not None else [""] * len(responses)
         if not len(prompts) == len(responses) == len(references):
             raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and {len(references)} references: "
                              "give one of each per sample")
         c = self.cfg
+        deadline = time.monotonic() + c.timeout_s
+        failed: dict[int, str] = {}
+
+        def fail(rows: list[int], reason: str) -> None:
+            if not keep_going:
+                raise RewardFailure(f"reward of {describe_rows(rows, name)} {reason}{hint}")
+            for r in rows:
+                failed.setdefault(r, f"reward of {name(r)} {reason}")
+
         total = np.zeros(len(responses))
         if c.kind != "none":
-            total += c.rule_weight * self._rule(responses, references, response_ids)
+            total += c.rule_weight * self._rule(responses, references, response_ids, fail, deadline)
         if self.function is not None:
-            total += c.function_weight * np.array([float(self.function(p, r, ref)) for p, r, ref
-                                                   in zip(prompts, responses, references)])
+            total += c.function_weight * self._function(prompts, responses, references, fail, deadline)
         if self.model is not None:
-            total += c.model_weight * self._model(prompts, responses)
-        if c.url:
-            total += c.url_weight * self._remote(prompts, responses, references)
-        bad = np.flatnonzero(~np.isfinite(total))
-        if len(bad):
-            raise ValueError(f"reward of sample {int(bad[0])} is {total[bad[0]]} (not finite); check the reward "
-                             f"backends for response {responses[bad[0]][:80]!r}")
-        return total
+            total += c.model_weight * self._model(prompts, responses, fail, deadline)
+        if c.url and len(responses):
+            total += c.url_weight * self._remote(prompts, responses, references, fail, deadline)
+        for i in np.flatnonzero(~np.isfinite(total)):
+            if int(i) not in failed:
+                fail([int(i)], f"is {total[i]} (not finite); check the reward backends for response "
+                               f"{responses[i][:80]!r}")
+        return total, failed
 
     def _finish(self, total: np.ndarray, moments: RunningMoments, update_stats: bool) -> np.ndarray:
         """Normalise with (and, when asked, first update) ``moments``, then clip. [B] float64 -> [B] float32."""
@@ -288,8 +390,10 @@ class RewardWorker:
 
     def score_texts(self, prompts: list[str], responses: list[str], references: list[str] | None = None,
                     response_ids: list[list[int]] | None = None, update_stats: bool = True) -> np.ndarray:
-        """Rewards [B] of decoded texts; update_stats=False normalises with the actor's moments but leaves them."""
-        return self._finish(self._combined(prompts, responses, references, response_ids), self.moments, update_stats)
+        """Rewards [B] of decoded texts; update_stats=False normalises with the actor's moments but leaves them.
+        Any failure raises (RewardFailure, naming 'sample i'): the HTTP front answers it with a 422."""
+        total, _ = self._combined(prompts, responses, references, response_ids)
+        return self._finish(total, self.moments, update_stats)
 
     def _texts(self, batch: Any) -> tuple[list[str], list[str], list[str], list[list[int]]]:
         response_ids = batch.column("response_token_ids").to_pylist()
@@ -301,18 +405,38 @@ class RewardWorker:
                       else [""] * len(responses))
         return prompts, responses, references, response_ids
 
+    @staticmethod
+    def _namer(batch: Any) -> Callable[[int], str]:
+        """'row 3 (prompt_id 17, sample 1)': how an error names a row of a RolloutBatch."""
+        prompt_ids = batch.column("prompt_id").to_pylist()
+        samples = batch.column("sample_index").to_pylist()
+        return lambda i: f"row {i} (prompt_id {prompt_ids[i]}, sample {samples[i]})"
+
     def score(self, batch: Any) -> np.ndarray:
         """RolloutBatch -> rewards [B]. Token ids are decoded only for scoring; training keeps the engine's ids.
-        Normalises with (and updates) the moments kept in this actor."""
-        return self.score_texts(*self._texts(batch))
+        Normalises with (and updates) the moments kept in this actor. Any failure raises, naming the row."""
+        total, _ = self._combined(*self._texts(batch), name=self._namer(batch))
+        return self._finish(total, self.moments, update_stats=True)
 
-    def score_batch(self, batch: Any, norm_state: dict | None) -> tuple[np.ndarray, dict]:
+    def score_batch(self, batch: Any, norm_state: dict | None) -> tuple[np.ndarray, dict, dict[int, str]]:
         """Like ``score``, but the running moments belong to the caller: normalise with ``norm_state`` (None = no
-        reward seen yet) and return (rewards [B] float32, updated moments {'count', 'mean', 'm2'}). The actor keeps
-        nothing, so a restarted actor given the returned state continues exactly."""
+        reward seen yet) and return (rewards [B] float32, updated moments {'count', 'mean', 'm2'}, failed rows
+        {row: message naming it}). The actor keeps nothing, so a restarted actor given the returned state continues
+        exactly. reward.on_failure=error raises at the first failure (nothing is failed then); with 'drop', failed
+        rows are NaN, left out of the moments, and the caller removes them (reward_server.failures.drop_failed)."""
         moments = RunningMoments.from_state(norm_state)
-        rewards = self._finish(self._combined(*self._texts(batch)), moments, update_stats=True)
-        return rewards, moments.state()
+        drop = self.cfg.on_failure == "drop"
+        total, failed = self._combined(*self._texts(batch), name=self._namer(batch), keep_going=drop,
+                                       hint="" if drop else "; with reward.on_failure=drop such samples would "
+                                                            "leave the batch instead")
+        ok = np.ones(len(total), dtype=bool)
+        ok[list(failed)] = False
+        rewards = np.full(len(total), np.nan, dtype=np.float32)
+        rewards[ok] = self._finish(total[ok], moments, update_stats=True)
+        if failed:
+            logger.warning("reward.on_failure=drop: %d of %d samples failed; the first: %s", len(failed), len(total),
+                           failed[min(failed)])
+        return rewards, moments.state(), failed
 
     def stats(self) -> dict:
         return {"scored": self.scored, "running_mean": self.moments.mean, "running_std": self.moments.std}

@@ -1,9 +1,10 @@
 """Generated malformed requests for the reward server's fuzz tests (in-process and through the real CLI).
 
-Each case is one complete raw HTTP request (bytes on a fresh connection) that a correct server must answer with a
-4xx JSON error: malformed HTTP (request line, Content-Length, headers, method) and malformed bodies (non-UTF-8,
-invalid JSON, wrong types of every field, missing or unknown fields, ragged rows, negative, out-of-vocabulary or
-huge token ids, unparsable GSM8K references, too many samples).
+Each case is one raw HTTP request (bytes on a fresh connection) that a correct server must answer with a 4xx JSON
+error: malformed HTTP (request line, Content-Length, headers, method), malformed bodies (non-UTF-8, invalid JSON,
+wrong types of every field, missing or unknown fields, ragged rows, negative, out-of-vocabulary or huge token ids,
+unparsable GSM8K references, too many samples) and, with ``stalls=True``, requests that stop in their request line
+or headers while the client waits (labels 'stall:...': 408 once the server's read timeout has passed).
 """
 
 from __future__ import annotations
@@ -101,16 +102,36 @@ def _mutated_body(rng: random.Random, vocab: int) -> tuple[str, dict | list | st
     return f"{kind}:{field}", body
 
 
-def malformed_requests(seed: int, count: int, vocab: int, max_samples: int,
-                       auth: list[tuple[str, str]] | None = None) -> list[tuple[str, bytes, bool]]:
-    """``count`` (label, raw request, half_close) cases from a seeded generator."""
+def _stalled(rng: random.Random, json_ct: list[tuple[str, str]]) -> tuple[str, bytes]:
+    """A request that stops before its headers end (the client keeps the connection open and waits)."""
+    full = request(rng.choice(["POST", "GET"]), rng.choice(["/score", "/health"]), b"", json_ct)
+    head = full[: full.index(b"\r\n")]
+    which = rng.choice(["line", "line_only", "headers", "no_blank_line"])
+    if which == "line":  # the request line itself is cut, anywhere
+        return f"stall:{which}", head[: rng.randint(1, len(head))]
+    if which == "line_only":
+        return f"stall:{which}", head + b"\r\n"
+    if which == "headers":  # cut inside a header line
+        return f"stall:{which}", full[: rng.randint(len(head) + 3, len(full) - 5)]
+    return f"stall:{which}", full[:-2]  # every header line, but never the blank line that ends them
+
+
+def malformed_requests(seed: int, count: int, vocab: int, max_samples: int, auth: list[tuple[str, str]] | None = None,
+                       stalls: bool = False) -> list[tuple[str, bytes, bool]]:
+    """``count`` (label, raw request, half_close) cases from a seeded generator; ``stalls`` adds stalled requests
+    (each waits out the server's read timeout: send them concurrently)."""
     rng = random.Random(seed)
     json_ct = [("Content-Type", "application/json"), *(auth or [])]
     good = json.dumps({"prompts": ["q"], "responses": ["#### 1"], "references": ["1"]}).encode()
     cases = []
     for _ in range(count):
-        kind = rng.choices(["body", "json_text", "http"], weights=[5, 2, 3])[0]
-        if kind == "body":
+        if stalls:
+            kind = rng.choices(["body", "json_text", "http", "stall"], weights=[5, 2, 3, 0.5])[0]
+        else:
+            kind = rng.choices(["body", "json_text", "http"], weights=[5, 2, 3])[0]
+        if kind == "stall":
+            cases.append((*_stalled(rng, json_ct), False))
+        elif kind == "body":
             label, body = _mutated_body(rng, vocab)
             cases.append((label, request("POST", "/score", json.dumps(body).encode(), json_ct), False))
         elif kind == "json_text":

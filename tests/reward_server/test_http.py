@@ -3,6 +3,7 @@ a seeded fuzz of a few hundred malformed requests), isolation between batched re
 clients, normalisation statistics left alone, auth, and the real `oirl serve-reward` CLI."""
 
 import collections
+import http.client
 import json
 import math
 import os
@@ -147,19 +148,87 @@ def test_malformed_http_gets_a_json_4xx(server, data, status, fragment):
     assert fragment in json.loads(body)["error"]
 
 
-def test_fuzz_every_malformed_request_gets_a_4xx_json_and_the_server_keeps_serving(server, worker):
-    cases = malformed_requests(seed=11, count=300, vocab=len(worker.tokenizer), max_samples=8)
+def test_fuzz_every_malformed_request_gets_a_4xx_json_and_the_server_keeps_serving(worker):
+    """Stalled requests (cut in the request line or headers) wait out the 1 s read timeout concurrently, holding
+    their connections, while the other cases are sent one after another; each stalled one gets 408."""
+    srv, url = serve(worker, max_body_bytes=4096, max_samples_per_request=8, read_timeout_s=1.0)
+    cases = malformed_requests(seed=11, count=300, vocab=len(worker.tokenizer), max_samples=8, stalls=True)
+    stalled = [c for c in cases if c[0].startswith("stall:")]
+    assert 0 < len(stalled) < ServerConfig.max_connections - 1  # they all fit beside the sequential ones
     seen = collections.Counter()
-    for label, data, half_close in cases:
-        status, headers, body = send(port_of(server), data, half_close)
+
+    def check(label, data, half_close):
+        status, headers, body = send(port_of(url), data, half_close)
         assert 400 <= status < 500, (label, status, body[:200])
         assert headers.get("Content-Type") == "application/json", (label, headers)
         error = json.loads(body)["error"]
         assert isinstance(error, str) and error, label
-        seen[status] += 1
-    assert set(seen) >= {400, 404, 405, 411, 413, 415, 431}, seen  # the generator reaches every kind of check
-    assert call(server, "/health") == (200, {"status": "ok"})
-    assert call(server, "/score", GOOD) == (200, {"rewards": [1.5]})
+        if label.startswith("stall:"):
+            assert status == 408 and error == "request line and headers not received within 1.0s", (label, error)
+        return status
+
+    try:
+        with ThreadPoolExecutor(len(stalled)) as pool:
+            waiting = [pool.submit(check, *case) for case in stalled]
+            for case in cases:
+                if not case[0].startswith("stall:"):
+                    seen[check(*case)] += 1
+            for f in waiting:
+                seen[f.result()] += 1
+        assert set(seen) >= {400, 404, 405, 408, 411, 413, 415, 431}, seen  # every kind of check is reached
+        assert call(url, "/health") == (200, {"status": "ok"})
+        assert call(url, "/score", GOOD) == (200, {"rewards": [1.5]})
+    finally:
+        srv.shutdown()
+
+
+def test_a_request_begun_gets_408_and_an_idle_connection_is_closed_without_one(worker):
+    """The read timeout answers a request that began (408, on a fresh or a kept-alive connection) and closes a
+    connection on which none began: there is no request to answer, and a kept-alive client could read a 408 sent
+    then as the answer to its next request."""
+    srv, url = serve(worker, read_timeout_s=1.0)
+    health = request("GET", "/health")
+
+    def kept_alive(then: bytes) -> bytes:
+        with raw_connect(url) as sock:
+            sock.sendall(health)
+            first = http.client.HTTPResponse(sock)
+            first.begin()
+            assert first.status == 200 and first.getheader("Connection") != "close"
+            first.read()
+            sock.sendall(then)
+            return recv_all(sock)
+
+    def fresh(data: bytes) -> bytes:
+        with raw_connect(url) as sock:
+            sock.sendall(data)
+            return recv_all(sock)
+
+    try:
+        with ThreadPoolExecutor(4) as pool:  # each waits out the read timeout: together, once
+            begun_fresh = pool.submit(fresh, b"GET /heal")
+            begun_kept = pool.submit(kept_alive, b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            idle_fresh = pool.submit(fresh, b"")
+            idle_kept = pool.submit(kept_alive, b"")
+            for answer in (begun_fresh.result(), begun_kept.result()):
+                assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer[:200]
+                body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+                assert body == {"error": "request line and headers not received within 1.0s"}
+            assert idle_fresh.result() == b"" and idle_kept.result() == b""
+    finally:
+        srv.shutdown()
+
+
+def recv_all(sock) -> bytes:
+    """Everything the server sends until it closes the connection (a reset after it, when the client had sent bytes
+    the server never read, ends it too)."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
 
 
 def bad_in_response(prompt, response, reference):  # a user reward function: NaN for one client's rows
@@ -264,7 +333,8 @@ def test_a_stalled_or_trickling_client_cannot_hold_the_server(worker):
         answer = stalled.recv(4096)
         assert answer.startswith(b"HTTP/1.1 408") and b"body not received within 1.0s" in answer
         trickle.settimeout(5)
-        assert trickle.recv(4096) == b""  # cut at the deadline, long before its ~20 s of trickling ends
+        answer = recv_all(trickle)  # cut at the deadline, long before its ~20 s of trickling ends
+        assert answer.startswith(b"HTTP/1.1 408") and b"line and headers not received within 1.0s" in answer
         assert time.monotonic() - t0 < 4.0
     finally:
         done.set()

@@ -41,16 +41,16 @@ def test_score_batch_chained_equals_the_stateful_path_and_keeps_nothing(tiny_mod
     expected = [stateful.score(b) for b in batches]
 
     stateless = RewardWorker(NORM, tiny_model_path)
-    r0, s0 = stateless.score_batch(batches[0], None)
-    r1, s1 = stateless.score_batch(batches[1], s0)
+    r0, s0, f0 = stateless.score_batch(batches[0], None)
+    r1, s1, f1 = stateless.score_batch(batches[1], s0)
     np.testing.assert_array_equal(r0, expected[0])
     np.testing.assert_array_equal(r1, expected[1])
     assert stateless.moments.count == 0  # the actor kept nothing: the caller owns the moments
-    assert s0["count"] == 3 and s1["count"] == 7
+    assert s0["count"] == 3 and s1["count"] == 7 and f0 == f1 == {}
 
     # A fresh actor (a restart, or a resumed run) given the state as a checkpoint stores it continues identically.
     restored = json.loads(json.dumps(s1))
-    r2, s2 = RewardWorker(NORM, tiny_model_path).score_batch(batches[2], restored)
+    r2, s2, _ = RewardWorker(NORM, tiny_model_path).score_batch(batches[2], restored)
     np.testing.assert_array_equal(r2, expected[2])
     assert s2 == stateful.moments.state()
     assert not np.allclose(r2, RewardWorker(NORM, tiny_model_path).score_batch(batches[2], None)[0])  # state matters
@@ -59,7 +59,7 @@ def test_score_batch_chained_equals_the_stateful_path_and_keeps_nothing(tiny_mod
 def test_score_batch_without_normalisation_equals_score(tiny_model_path, batches):
     cfg = RewardConfig(kind="gsm8k", format_bonus=0.5, clip=1.0)
     w = RewardWorker(cfg, tiny_model_path)
-    rewards, state = w.score_batch(batches[1], None)
+    rewards, state, _ = w.score_batch(batches[1], None)
     np.testing.assert_array_equal(rewards, w.score(batches[1]))
     assert state == {"count": 0, "mean": 0.0, "m2": 0.0}
 
@@ -81,7 +81,8 @@ def test_gsm8k_reward_accepts_dataset_answer_text_and_names_a_bad_row(tiny_model
     w = RewardWorker(RewardConfig(kind="gsm8k"), tiny_model_path)
     b = batch(tokenizer, ["#### 72", "#### 72"], ["72", "She sold 72.\n#### 72"])
     np.testing.assert_array_equal(w.score(b), [1.0, 1.0])
-    with pytest.raises(ValueError, match=r"sample 1: GSM8K reference 'seventy-two' is not a number"):
+    with pytest.raises(ValueError, match=r"reward of row 1 \(prompt_id 1, sample 0\) failed: reward.kind=gsm8k raised "
+                                         r"ValueError: GSM8K reference 'seventy-two' is not a number"):
         w.score(batch(tokenizer, ["#### 72", "#### 72"], ["72", "seventy-two"]))
 
 
