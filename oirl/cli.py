@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                  "command plus --resume" if committed else "no checkpoint was committed yet: rerun from the start")
         print(f"oirl: the run failed: {e}\noirl: {where}", file=sys.stderr)
         return 1
-    print(json.dumps({k: final[k] for k in ("iteration", "reward/mean", "kl/mean", "sync/seconds") if k in final}))
+    print(json.dumps({k: final[k] for k in ("iteration", "reward/mean", "reward/raw_mean", "kl/mean", "sync/seconds")
+                      if k in final}))
     print(f"oirl: wrote {out}/metrics.jsonl, {out}/curves.png and the final policy in {out}/final")
     return 0
 
@@ -333,18 +334,15 @@ def _serve_reward(cfg, host: str, port: int, token_file: str | None, token_arg: 
 
 def _plan(cfg, manifests: list[str], as_json: bool) -> int:
     import ray
-    import yaml
 
-    from oirl.manifests import validate_manifest
-    from oirl.plan import check_manifest, format_plan, plan_json
+    from oirl.manifests import load_documents
+    from oirl.plan import check_documents, format_plan, plan_json
 
     print(plan_json(cfg) if as_json else format_plan(cfg))
     failed = False
     for path in manifests:
-        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
-        for doc in docs:
-            problems = validate_manifest(doc) + check_manifest(cfg, doc, ray.__version__)
-            name = f"{path} ({doc.get('kind')} {doc.get('metadata', {}).get('name')})"
+        for label, problems in check_documents(cfg, load_documents(path), ray.__version__):
+            name = f"{path} ({label})"
             if problems:
                 failed = True
                 print(f"FAIL {name}")

@@ -8,6 +8,9 @@ PodTemplateSpec, using the PodTemplateSpec schema embedded in the CRD.
 
     schema = crd_json_schema(REPO/../shared/data/kuberay-crds/ray.io_rayclusters.yaml)
     errors = validate(manifest, schema)
+
+A manifest file holds the RayCluster or RayJob and the PersistentVolumeClaims it defines (``load_documents``); a
+claim is validated against the PersistentVolumeClaimSpec schema the same CRD embeds (``claim_schema``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,15 @@ def _convert(node: Any) -> Any:
     return out
 
 
+_METADATA = {
+    "type": "object", "required": ["name"],
+    "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+                   "namespace": {"type": "string"}, "labels": {"type": "object"},
+                   "annotations": {"type": "object"}},
+    "additionalProperties": False,
+}
+
+
 def crd_json_schema(crd_path: Path, version: str = "v1") -> dict[str, Any]:
     """JSON Schema of one CRD version (cached per file; callers must not modify it)."""
     return _crd_json_schema(Path(crd_path).resolve(), version)
@@ -67,13 +79,7 @@ def _crd_json_schema(crd_path: Path, version: str) -> dict[str, Any]:
         if v["name"] == version:
             schema = _convert(v["schema"]["openAPIV3Schema"])
             # metadata is validated by the API server itself, not by the CRD; require a name as kubectl does.
-            schema["properties"]["metadata"] = {
-                "type": "object", "required": ["name"],
-                "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-                               "namespace": {"type": "string"}, "labels": {"type": "object"},
-                               "annotations": {"type": "object"}},
-                "additionalProperties": False,
-            }
+            schema["properties"]["metadata"] = copy.deepcopy(_METADATA)
             schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata", "spec"})
             schema["properties"]["apiVersion"] = {"const": f"{crd['spec']['group']}/{version}"}
             schema["properties"]["kind"] = {"const": crd["spec"]["names"]["kind"]}
@@ -91,6 +97,63 @@ def pod_template_schema(raycluster_schema: dict[str, Any]) -> dict[str, Any]:
     containers["minItems"] = 1
     containers["items"]["required"] = sorted(set(containers["items"].get("required", [])) | {"name", "image"})
     return schema
+
+
+def claim_schema(raycluster_schema: dict[str, Any]) -> dict[str, Any]:
+    """A PersistentVolumeClaim's schema: its spec is the PersistentVolumeClaimSpec that the RayCluster CRD embeds (a
+    pod volume's ephemeral.volumeClaimTemplate), with accessModes and a storage request required."""
+    pod = raycluster_schema["properties"]["spec"]["properties"]["headGroupSpec"]["properties"]["template"]
+    volume = pod["properties"]["spec"]["properties"]["volumes"]["items"]["properties"]
+    spec = copy.deepcopy(volume["ephemeral"]["properties"]["volumeClaimTemplate"]["properties"]["spec"])
+    spec["required"] = sorted(set(spec.get("required", [])) | {"accessModes", "resources"})
+    spec["properties"]["accessModes"]["minItems"] = 1
+    requests = spec["properties"]["resources"]
+    requests["required"] = ["requests"]
+    requests["properties"]["requests"]["required"] = ["storage"]
+    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+            "properties": {"apiVersion": {"const": "v1"}, "kind": {"const": "PersistentVolumeClaim"},
+                           "metadata": copy.deepcopy(_METADATA), "spec": spec}}
+
+
+def load_documents(path: Path | str) -> list[dict[str, Any]]:
+    """Every document of a manifest file (a RayCluster or RayJob, and the PersistentVolumeClaims it mounts)."""
+    return [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+
+
+def ray_manifest(path: Path | str) -> dict[str, Any]:
+    """The one RayCluster or RayJob of a manifest file."""
+    (doc,) = [d for d in load_documents(path) if d.get("kind") in CRD_FILES]
+    return doc
+
+
+def claims_in(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The PersistentVolumeClaims among ``docs``, by name."""
+    return {d["metadata"]["name"]: d for d in docs
+            if d.get("kind") == "PersistentVolumeClaim" and isinstance(d.get("metadata"), dict)
+            and "name" in d["metadata"]}
+
+
+# The GPU image's stack: vllm 0.32.0's wheel pins torch==2.13.0, and torch 2.13.0's PyPI wheels are CUDA 13.0 builds
+# (their metadata requires cuda-toolkit 13.0.3, nvidia-nccl-cu13 2.29.7). The CPU extra pins the same torch.
+GPU_STACK = {"vllm": "0.32.0", "torch": "2.13.0", "cuda": "13.0"}
+
+
+def dockerfile_problems(text: str) -> list[str]:
+    """What deploy/Dockerfile must get right for GPU_STACK: vLLM pinned to its version, and a CUDA base image of
+    the CUDA that vLLM's torch was built with (DeepSpeed JIT-builds its ops with the image's nvcc and refuses a
+    CUDA other than torch's)."""
+    import re
+
+    problems = []
+    bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    cuda = [m.group(1) for b in bases if (m := re.match(r"nvidia/cuda:(\d+\.\d+)", b))]
+    if cuda != [GPU_STACK["cuda"]]:
+        problems.append(f"base image {bases}: use one nvidia/cuda:{GPU_STACK['cuda']}.x-devel image: vllm "
+                        f"{GPU_STACK['vllm']} runs torch {GPU_STACK['torch']}, a CUDA {GPU_STACK['cuda']} build")
+    if not re.search(rf"pip install[^\n]*[\"']?vllm=={re.escape(GPU_STACK['vllm'])}(?![\w.])", text):
+        problems.append(f"pin vLLM: pip install \"vllm=={GPU_STACK['vllm']}\" (the version the CPU build and the "
+                        "tests run, and whose torch fixes the image's CUDA)")
+    return problems
 
 
 def validate(instance: Any, schema: dict[str, Any]) -> list[str]:
@@ -113,8 +176,10 @@ def pod_templates(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def validate_manifest(manifest: dict[str, Any], crd_dir: Path = CRD_DIR) -> list[str]:
     """Schema errors of a RayCluster/RayJob manifest, including each pod template as a PodTemplateSpec."""
     kind = manifest.get("kind") if isinstance(manifest, dict) else None
+    if kind == "PersistentVolumeClaim":
+        return validate(manifest, claim_schema(crd_json_schema(crd_dir / CRD_FILES["RayCluster"])))
     if kind not in CRD_FILES:
-        return [f"kind: expected one of {sorted(CRD_FILES)}, got {kind!r}"]
+        return [f"kind: expected one of {sorted(CRD_FILES)} or PersistentVolumeClaim, got {kind!r}"]
     errors = validate(manifest, crd_json_schema(crd_dir / CRD_FILES[kind]))
     pod_schema = pod_template_schema(crd_json_schema(crd_dir / CRD_FILES["RayCluster"]))
     for where, tmpl in pod_templates(manifest):

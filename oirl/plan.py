@@ -316,7 +316,116 @@ def check_manifest(cfg: Any, manifest: dict, ray_version: str) -> list[str]:
                 f"{p.num_gpus:g} GPU) but {g.get('replicas', 0)} replica(s) of ({node_cpu:g} CPU, {node_gpu:g} GPU) "
                 f"hold {capacity if capacity != math.inf else 'any number'}; raise replicas or node size"
             )
-    return problems + retry_problems(manifest) + auth_problems(manifest)
+    return problems + nccl_problems(cfg, manifest) + retry_problems(manifest) + auth_problems(manifest)
+
+
+GPUS_PER_NODE = 8  # the GPU nodes the recipes are written for (HGX/DGX-class); a pod is never larger than a node
+NCCL_ENV = {"NCCL_SOCKET_IFNAME": "the pod network's interface (eth0): NCCL may otherwise pick another interface "
+                                  "that peers in other pods cannot reach, and the first collective hangs",
+            "NCCL_DEBUG": "WARN: NCCL's own reason for a failed collective reaches the logs"}
+
+
+def nccl_problems(cfg: Any, manifest: dict) -> list[str]:
+    """GPU worker groups talk NCCL (learner ranks; learner rank 0 and the engines' weight broadcast): their Ray
+    containers set NCCL_ENV, and the learner's GPUs of a node sit in one pod (ranks in one pod reach each other
+    over NVLink and shared memory; ranks in two pods of one node go through the pod network), i.e. each learner
+    pod holds min(the plan's learner GPUs, GPUS_PER_NODE)."""
+    name = manifest.get("metadata", {}).get("name", "?")
+    problems = []
+    for g in cluster_spec(manifest).get("workerGroupSpecs", []):
+        c = _ray_container(g.get("template", {}))
+        if _gpu(c.get("resources", {}), "limits") <= 0:
+            continue
+        env = _env(c)
+        for var, why in NCCL_ENV.items():
+            if var not in env:
+                problems.append(f"{name}/{g.get('groupName')}: set {var} in the Ray container's env ({why})")
+    learner = {p.role: p for p in placement_plan(cfg)}["learner"]
+    group = {g.get("groupName"): g for g in cluster_spec(manifest).get("workerGroupSpecs", [])}.get("learner")
+    need = learner.count * learner.num_gpus
+    if group is not None and need > 0:
+        per_pod = _gpu(_ray_container(group.get("template", {})).get("resources", {}), "limits")
+        want = min(need, GPUS_PER_NODE)
+        if per_pod < want:
+            problems.append(
+                f"{name}/learner: each learner pod holds {per_pod:g} GPU(s) but the plan's {learner.count} ranks "
+                f"need {need:g}: put a node's learner GPUs in one pod (nvidia.com/gpu and num-gpus {want:g}, "
+                f"replicas {math.ceil(need / want)}), so that NCCL between the ranks of a node uses NVLink and "
+                "shared memory, not the pod network")
+    return problems
+
+
+CHECKPOINT_MOUNT = "/checkpoints"  # where a RayCluster's runs put --out (README: oirl submit ... --out /checkpoints/run)
+
+
+def storage_problems(manifest: dict, claims: dict[str, dict]) -> list[str]:
+    """--out must be one volume for the driver (head) and every learner rank: the ranks write their checkpoint
+    files there and the driver commits them. The volume under --out (a RayJob's entrypoint; a RayCluster's runs:
+    CHECKPOINT_MOUNT) must be mounted writable at the same path by the head and the learner group, from a
+    PersistentVolumeClaim that the same file defines with accessModes ReadWriteMany (pods on several nodes)."""
+    import shlex
+
+    name = manifest.get("metadata", {}).get("name", "?")
+    out = CHECKPOINT_MOUNT
+    if manifest.get("kind") == "RayJob":
+        argv = shlex.split(manifest.get("spec", {}).get("entrypoint", ""))
+        if "--out" in argv[:-1]:
+            out = argv[argv.index("--out") + 1]
+        if not out.startswith("/"):
+            return [f"{name}: --out {out!r} is relative: each node resolves it in its own working directory, so "
+                    f"the ranks' checkpoint files and the driver's commit land apart; use an absolute path on the "
+                    "ReadWriteMany volume (e.g. /checkpoints/<run>)"]
+    spec = cluster_spec(manifest)
+    pods = [("head", spec.get("headGroupSpec", {}).get("template", {}))]
+    pods += [(g.get("groupName"), g.get("template", {})) for g in spec.get("workerGroupSpecs", [])
+             if g.get("groupName") == "learner"]
+    problems = []
+    seen: dict[str, str] = {}  # pod group -> the claim under --out
+    for group, tmpl in pods:
+        volumes = {v.get("name"): v for v in tmpl.get("spec", {}).get("volumes", [])}
+        mounts = [m for m in _ray_container(tmpl).get("volumeMounts", [])
+                  if out == m.get("mountPath") or out.startswith(m.get("mountPath", "").rstrip("/") + "/")]
+        mount = max(mounts, key=lambda m: len(m.get("mountPath", "")), default=None)
+        where = f"{name}/{group}"
+        if mount is None:
+            problems.append(f"{where}: nothing is mounted at {out} (--out): mount the checkpoints volume there, "
+                            "a PersistentVolumeClaim with accessModes [ReadWriteMany]")
+            continue
+        claim = volumes.get(mount.get("name"), {}).get("persistentVolumeClaim", {}).get("claimName")
+        if claim is not None:
+            seen[group] = claim
+        if mount.get("readOnly") or claim is None:
+            problems.append(f"{where}: {mount.get('mountPath')} (--out {out}) is "
+                            f"{'read-only' if mount.get('readOnly') else 'not a PersistentVolumeClaim'}; mount a "
+                            "writable ReadWriteMany claim there")
+        elif claim not in claims:
+            problems.append(f"{where}: the claim {claim!r} mounted at {mount.get('mountPath')} (--out) is not "
+                            "defined in this file; define it (kind: PersistentVolumeClaim, accessModes: "
+                            "[ReadWriteMany]) so that the manifest says what storage it needs")
+        elif "ReadWriteMany" not in claims[claim].get("spec", {}).get("accessModes", []):
+            problems.append(f"{where}: the claim {claim!r} under --out has accessModes "
+                            f"{claims[claim].get('spec', {}).get('accessModes')}; the head and the learner pods on "
+                            "other nodes write it at once, which needs ReadWriteMany")
+    if len(set(seen.values())) > 1:
+        problems.append(f"{name}: --out {out} is on different claims in different pods ({seen}); the driver and "
+                        "every learner rank must write the same volume")
+    return problems
+
+
+def check_documents(cfg: Any, docs: list[dict], ray_version: str) -> list[tuple[str, list[str]]]:
+    """Every document of one manifest file, checked: (kind and name, problems) each. Claims are checked against
+    their schema; a RayCluster/RayJob against its CRD, the plan (``check_manifest``) and the claims the file
+    defines (``storage_problems``)."""
+    from oirl.manifests import claims_in, validate_manifest
+
+    claims = claims_in(docs)
+    out = []
+    for doc in docs:
+        problems = validate_manifest(doc)
+        if doc.get("kind") in ("RayCluster", "RayJob"):
+            problems += check_manifest(cfg, doc, ray_version) + storage_problems(doc, claims)
+        out.append((f"{doc.get('kind')} {doc.get('metadata', {}).get('name')}", problems))
+    return out
 
 
 def retry_problems(manifest: dict) -> list[str]:

