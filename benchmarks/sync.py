@@ -127,7 +127,7 @@ def bench_model(name: str, rounds: int, bucket_mb: int, timeout_s: float) -> lis
         version += 1
         per_param, count = per_param_seconds(engine, path, version, timeout_s)
         # The baseline must load the right weights too: the learner has not trained, so it holds the folder's.
-        per_param_canary = canary_check(learner, [engine], canary, cfg)
+        per_param_canary = canary_check(learner, [engine], canary, cfg)["sync/logprob_max_abs_diff"]
         params = nbytes // 4
         for transport, rows in measured.items():
             seconds = statistics.median(r["sync/seconds"] for r in rows)

@@ -12,8 +12,11 @@ from oirl.bounds import bounds
 @dataclass(frozen=True)
 class LearnerConfig:
     algorithm: str = "ppo"
-    """'ppo' (GAE with a critic), 'grpo' (group-normalised outcome advantage), 'rloo' (leave-one-out baseline) or
-    'reinforce_pp' (REINFORCE++: per-token KL in the return, batch-normalised). Critic-free ones build no value head."""
+    """'ppo' (GAE with a critic), 'grpo' (group-normalised outcome advantage), 'rloo' (leave-one-out baseline),
+    'reinforce_pp' (REINFORCE++: per-token KL in the return, batch-normalised), 'gspo' (GRPO's advantage with a
+    sequence-level ratio and clip) or 'dapo' (GRPO's advantage with clip-higher, dynamic sampling and overlong
+    shaping). Critic-free ones build no value head. Settings the user leaves unset follow the algorithm's recipe
+    (oirl.config.ALGORITHM_DEFAULTS)."""
     grpo_scale_by_std: bool = True
     """grpo: divide by the group's reward std (false = Dr. GRPO: mean-centred only)."""
     loss_aggregation: str = "token_mean"
@@ -35,9 +38,20 @@ class LearnerConfig:
     critic_init: str = "policy"
     """Separate critic's starting point: 'policy' (its backbone, a head near 0) or a reward-model folder from
     `oirl train-rm` (backbone and score head; same model type and vocabulary as the policy)."""
+    rollout_correction: str = "tis"
+    """How the loss corrects for the engine (the behaviour policy: other kernels, bf16 most, and in one-step-off
+    mode the previous version) sampling the tokens instead of the learner: 'tis' (each token's loss x
+    min(pi_learner / pi_engine, importance_cap)), 'mis' (tokens, or samples with mis_level=sequence, whose ratio
+    is outside [mis_lo, mis_hi] leave the loss), 'seq' (every token x the sample's truncated geometric-mean ratio,
+    as GSPO) or 'none'. Applied in strict and one-step-off mode (learner/algorithms/correction.py)."""
     importance_cap: float = field(default=2.0, metadata=bounds(gt=0))
-    """One-step-off mode (rollout.async_steps=1): the policy loss of each token is weighted by
-    min(pi_learner / pi_behaviour, importance_cap), the behaviour being the engine's logprobs (truncated IS)."""
+    """Truncation of the importance weights of rollout_correction=tis and seq."""
+    mis_lo: float = field(default=0.5, metadata=bounds(ge=0, lt=1))
+    """rollout_correction=mis: lowest ratio pi_learner / pi_engine kept in the loss."""
+    mis_hi: float = field(default=2.0, metadata=bounds(gt=1))
+    """rollout_correction=mis: highest ratio kept in the loss."""
+    mis_level: str = "token"
+    """rollout_correction=mis: judge each 'token' by its ratio, or each 'sequence' by its geometric-mean ratio."""
     num_ranks: int = field(default=2, metadata=bounds(ge=1))
     """Ranks in the ZeRO group (Ray actors)."""
     zero_stage: int = field(default=2, metadata=bounds(ge=0, le=3))
@@ -53,7 +67,20 @@ class LearnerConfig:
     num_minibatches: int = field(default=1, metadata=bounds(ge=1))
     """Optimizer steps per epoch (the batch splits evenly)."""
     clip_ratio: float = field(default=0.2, metadata=bounds(gt=0))
-    """PPO ratio clip epsilon."""
+    """PPO ratio clip epsilon (the lower side, 1 - clip_ratio, and the upper side unless clip_ratio_high is set)."""
+    clip_ratio_high: float = field(default=0.0, metadata=bounds(ge=0, why="0: the same as clip_ratio"))
+    """Upper clip 1 + clip_ratio_high (DAPO's clip-higher, 0.28: low-probability tokens may grow); 0 = clip_ratio."""
+    overlong_buffer: int = field(default=0, metadata=bounds(ge=0, why="0: no overlong shaping"))
+    """DAPO's soft overlong punishment: the last N tokens before rollout.max_new_tokens cost up to
+    overlong_penalty in reward, linearly; 0 = off."""
+    overlong_penalty: float = field(default=1.0, metadata=bounds(ge=0))
+    """The reward a response reaching rollout.max_new_tokens loses (overlong_buffer > 0)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: groups whose rewards are all equal (no signal for group-relative advantages) leave
+    the batch, and more prompts are generated and scored until it is full again (dynamic_sampling_max_rounds)."""
+    dynamic_sampling_max_rounds: int = field(default=4, metadata=bounds(ge=1))
+    """Generation rounds per iteration with dynamic_sampling; if the batch is still short, the iteration trains on
+    the groups it has plus constant ones (logged as rollout/dynamic_filled_frac) rather than never finishing."""
     value_clip: float = field(default=0.2, metadata=bounds(gt=0, why="it bounds the value update per step"))
     """Clip of the value update around the old values."""
     vf_coef: float = field(default=0.5, metadata=bounds(ge=0))
@@ -90,7 +117,9 @@ class LearnerConfig:
     gradient_checkpointing: bool = False
     """Recompute decoder activations in the backward pass (less memory, ~30% more update time)."""
     ref_dtype: str = ""
-    """dtype of the frozen reference model: '' = model.dtype, or 'bfloat16' / 'float32' (bf16 halves its memory)."""
+    """dtype of the frozen reference model: '' = model.dtype, the only value accepted: a reference in another dtype
+    than the policy's forward makes the KL measure precision, not drift (a bf16 reference beside an fp32 policy:
+    0.18-0.38 nats per sample before any step). To save its memory, use ref_offload."""
     ref_offload: bool = False
     """Keep the reference model in host memory and move it to the device only for prepare()'s reference pass."""
     num_cpus: float = field(default=1.0, metadata=bounds(

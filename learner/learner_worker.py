@@ -43,7 +43,7 @@ from learner.weight_export import WeightPublisher
 __all__ = ["LearnerConfig", "LearnerWorker", "free_master_address", "init_distributed"]
 
 # What the policy's loss reads of a mini-batch's rows (learner.algorithms.policy_token_loss).
-MB_KEYS = ("old_logprobs", "advantages", "old_values", "returns", "ref_logprobs", "is_weights")
+MB_KEYS = ("old_logprobs", "advantages", "old_values", "returns", "ref_logprobs", "is_weights", "resp_mask")
 
 
 class LearnerWorker(WeightPublisher):
@@ -138,12 +138,11 @@ class LearnerWorker(WeightPublisher):
 
     # ---- the rank's loop: prepare, then update -----------------------------------------------------------------
 
-    def prepare(self, batch: Any, iteration: int, on_policy_tolerance: float = 1e-3,
-                importance_cap: float = 0.0) -> dict:
+    def prepare(self, batch: Any, iteration: int, on_policy_tolerance: float = 1e-3) -> dict:
         """Score this rank's rows: old logprobs, values (PPO), reference logprobs, KL, the algorithm's advantages,
-        and the engine/learner logprob comparison over every rank (on_policy_tolerance: per-token |diff| counted as
-        over; it is enforced on the rows of this iteration's version, the stale rows of one-step-off mode are
-        importance-weighted instead: importance_cap > 0)."""
+        the engine/learner logprob comparison over every rank (on_policy_tolerance: per-token |diff| counted as
+        over; it is enforced on the rows of this iteration's version) and the rollout correction's weights (every
+        row: the engine sampled them, whatever its version)."""
         import pyarrow.compute as pc
         import torch
 
@@ -183,6 +182,16 @@ class LearnerWorker(WeightPublisher):
         mask = d["resp_mask"]
         kl = ppo.kl_estimate(d["old_logprobs"], d["ref_logprobs"], c.kl_estimator) * mask
         batch_rewards = torch.from_numpy(batch.column("reward").to_numpy().astype(np.float32)).to(dev)
+        shaped = {}
+        if c.overlong_buffer:  # DAPO's soft overlong punishment, on every rank's copy of the whole batch
+            from learner.algorithms import overlong_penalty
+
+            lengths = torch.from_numpy(pc.list_value_length(batch.column("response_token_ids")).to_numpy()).to(dev)
+            penalty = overlong_penalty(lengths, c.max_new_tokens, c.overlong_buffer, c.overlong_penalty)
+            batch_rewards = batch_rewards + penalty
+            d["reward"] = d["reward"] + penalty[torch.as_tensor(rows, device=dev)]
+            shaped = {"reward/overlong_penalty_mean": float(penalty.mean()),
+                      "reward/overlong_frac": float((penalty < 0).float().mean())}
         groups = torch.from_numpy(batch.column("prompt_id").to_numpy().astype(np.int64)).to(dev)
         adv, d["returns"] = per_token_advantages(c, d["reward"], kl, mask, d["old_values"], batch_rewards, groups,
                                                  torch.as_tensor(rows, device=dev))
@@ -207,13 +216,13 @@ class LearnerWorker(WeightPublisher):
         stats = {} if self.fused else checks.on_policy_stats(d, self.check_mask, on_policy_tolerance, dev,
                                                             self.check_engines, self.num_engines)
         d.pop("is_weights", None)
-        if importance_cap > 0:
-            stats.update(checks.importance_weights(d, mask, importance_cap, dev))
+        if not self.fused:  # fused: update() computes the weights from its own forward, the old logprobs
+            stats.update(checks.rollout_correction(d, mask, c, dev))
         kl_sum, v_sum, n_seq, ent_sum = self._allreduce([
             ppo.masked_sum(kl, mask).item(), ppo.masked_sum(d["old_values"], mask).item(), float(len(rows)),
             ppo.masked_sum(entropy, mask).item()])
         out = {"kl/mean": kl_sum / n_seq, "kl/per_token": kl_sum / n_tok, "learner/value_mean": v_sum / n_tok,
-               "learner/tokens": n_tok, **stats}
+               "learner/tokens": n_tok, **stats, **shaped}
         if not self.fused:
             out["rollout/entropy"] = ent_sum / n_tok
         return out
@@ -226,6 +235,7 @@ class LearnerWorker(WeightPublisher):
         import torch
 
         from learner import algorithms, checks, ppo
+        from learner.algorithms.correction import correction_weights
         from learner.ranks import peak_rss_mib
 
         d, cfg = self.data, self.cfg
@@ -233,6 +243,9 @@ class LearnerWorker(WeightPublisher):
         totals: dict[str, float] = {}
         steps = 0
         ent_sum = 0.0  # learner.old_logprobs=update: the entropy statistic comes from this pass
+        corrections: list[dict[str, float]] = []  # ... and so do the rollout correction's weights
+        if self.fused and cfg.rollout_correction != "none":
+            d["is_weights"] = torch.ones_like(d["old_logprobs"])
         autocast = cfg.update_autocast == "bfloat16"  # bf16 compute, float32 master weights (LearnerConfig)
         for epoch in range(cfg.ppo_epochs):
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration * 101 + epoch)
@@ -261,6 +274,12 @@ class LearnerWorker(WeightPublisher):
                         m = d["resp_mask"][rows]
                         if self.fused:  # these weights are the ones the engine sampled with: the old logprobs
                             d["old_logprobs"][rows] = logp.detach()
+                            w, st = correction_weights(logp.detach(), d["engine_logprobs"][rows], m,
+                                                       cfg.rollout_correction, cfg.importance_cap, cfg.mis_lo,
+                                                       cfg.mis_hi, cfg.mis_level)
+                            corrections.append({k: v.item() for k, v in st.items()})
+                            if cfg.rollout_correction != "none":
+                                d["is_weights"][rows] = w
                         per_token, parts = algorithms.policy_token_loss(
                             cfg, logp, logits, values, {k: d[k][rows] for k in MB_KEYS if d.get(k) is not None})
                         if self.fused:  # the entropy statistic, from the loss's own entropy when it has one
@@ -296,6 +315,7 @@ class LearnerWorker(WeightPublisher):
             # fused: one mini-batch, so its global token count n_tok is the whole batch's
             (ent_tot,) = self._allreduce([ent_sum])
             stats.update(fused_stats, **{"rollout/entropy": ent_tot / max(n_tok, 1.0)})
+            stats.update(checks.correction_stats(corrections, self.device))
         (stats["learner/peak_rss_mib"],) = self._allreduce([peak_rss_mib()], op="max")
         if self.critic is not None:
             stats["learner/critic_warmup"] = float(warmup)

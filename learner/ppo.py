@@ -126,11 +126,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, mean: float, var: float) 
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
-                clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token clipped surrogate: -min(ratio*A, clip(ratio, 1-c, 1+c)*A). Returns (loss [B,R], clipped [B,R])."""
+                clip: float, clip_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate: -min(ratio*A, clip(ratio, 1-c, 1+c_high)*A), c_high = clip_high or c (DAPO's
+    clip-higher raises it so that low-probability tokens can grow). Returns (loss [B,R], clipped [B,R])."""
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * adv
+    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + (clip_high or clip)) * adv
     return -torch.min(unclipped, clipped), (clipped < unclipped).float()
 
 

@@ -11,7 +11,8 @@
 | policy_version       | int64          | rollout          | weights version the engine served                    |
 | engine_index         | int32          | rollout          | which engine generated the row (checks name it)      |
 | reference            | string         | driver           | reference answer of the prompt ('' when none)        |
-| reward               | float32        | reward actor     | scalar reward of the whole response                  |
+| reward_raw           | float32        | reward actor     | the reward before normalisation and clipping         |
+| reward               | float32        | reward actor     | scalar reward of the whole response (trained on)     |
 
 The learner adds reference logprobs, values, advantages and returns internally (as tensors, padded once in
 ``learner.ppo.pad_batch``); no stage rewrites another stage's columns.

@@ -44,6 +44,10 @@ REMOVED = {
 BF16_MIN_TOLERANCE = 0.01
 
 
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp", "gspo", "dapo")
+GROUP_ALGORITHMS = ("grpo", "rloo", "gspo", "dapo")  # one advantage per sample, from the samples of its prompt
+
+
 class ConfigError(ValueError):
     """A config value is wrong; the message names the field and how to fix it."""
 
@@ -251,8 +255,33 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         ).is_file() else {}
     data = _merge(data, parse_overrides(overrides or []))
     cfg = _build(RunConfig, data, "")
+    cfg = apply_algorithm_defaults(cfg, set((data.get("learner") or {}).keys()))
     validate(cfg, check_paths)
     return cfg
+
+
+# The recipe each learner.algorithm brings: the learner settings a user did not set (in the YAML or an override)
+# take these values, so `learner.algorithm=grpo` alone runs GRPO as its authors wrote it. 'fifth' is a fifth of
+# rollout.max_new_tokens (DAPO: a 4,096-token buffer before a 20,480-token limit).
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "grpo": {"kl_in_loss": True},  # DeepSeekMath: k3 KL in the loss, not in the reward
+    "rloo": {"kl_in_loss": True},
+    # GSPO (arXiv:2507.18071): sequence-level ratio clipped to [1 - 3e-4, 1 + 4e-4], a mean over samples, no KL;
+    # the rollout correction on the same level as the ratio.
+    "gspo": {"kl_coef": 0.0, "kl_in_loss": True, "clip_ratio": 3e-4, "clip_ratio_high": 4e-4, "loss_aggregation": "seq_mean_token_mean",
+             "rollout_correction": "seq"},
+    # DAPO (arXiv:2503.14476): clip-higher, dynamic sampling, token-level loss, soft overlong punishment, no KL.
+    "dapo": {"kl_coef": 0.0, "kl_in_loss": True, "clip_ratio_high": 0.28, "dynamic_sampling": True, "loss_aggregation": "token_mean",
+             "overlong_buffer": "fifth"},
+}
+
+
+def apply_algorithm_defaults(cfg: RunConfig, given: set[str]) -> RunConfig:
+    """``cfg`` with learner.algorithm's recipe (ALGORITHM_DEFAULTS) for every learner field not in ``given``."""
+    recipe = {k: v for k, v in ALGORITHM_DEFAULTS.get(cfg.learner.algorithm, {}).items() if k not in given}
+    if recipe.get("overlong_buffer") == "fifth":
+        recipe["overlong_buffer"] = max(1, cfg.rollout.max_new_tokens // 5)
+    return dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, **recipe)) if recipe else cfg
 
 
 def resolve_path(p: str) -> Path:
@@ -321,20 +350,37 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            f"learner.old_logprobs={lr.old_logprobs!r} must be 'auto', 'forward' or 'update'")
     _check(lr.old_logprobs != "update" or not fused_old_logprobs_blockers(cfg),
            f"learner.old_logprobs=update needs {'; '.join(fused_old_logprobs_blockers(cfg))}; use 'forward' or 'auto'")
-    _check(lr.algorithm in ("ppo", "grpo", "rloo", "reinforce_pp"),
-           f"learner.algorithm={lr.algorithm!r} must be 'ppo', 'grpo', 'rloo' or 'reinforce_pp'")
+    _check(lr.algorithm in ALGORITHMS,
+           f"learner.algorithm={lr.algorithm!r} must be one of {', '.join(ALGORITHMS)}")
+    _check(lr.rollout_correction in ("none", "tis", "mis", "seq"),
+           f"learner.rollout_correction={lr.rollout_correction!r} must be 'tis', 'mis', 'seq' or 'none'")
+    _check(lr.mis_level in ("token", "sequence"), f"learner.mis_level={lr.mis_level!r} must be 'token' or 'sequence'")
+    _check(lr.mis_lo < 1 < lr.mis_hi, f"learner.mis_lo={lr.mis_lo} and learner.mis_hi={lr.mis_hi} must bracket 1 "
+                                      "(a ratio of 1, engine and learner agreeing, is always kept)")
+    _check(not lr.dynamic_sampling or lr.algorithm in GROUP_ALGORITHMS,
+           f"learner.dynamic_sampling drops groups whose rewards are all equal, which only group-relative "
+           f"algorithms ({', '.join(GROUP_ALGORITHMS)}) need; learner.algorithm={lr.algorithm}: set "
+           "learner.dynamic_sampling=false")
+    _check(lr.overlong_buffer < r.max_new_tokens,
+           f"learner.overlong_buffer={lr.overlong_buffer} must be below rollout.max_new_tokens={r.max_new_tokens} "
+           "(the penalty ramps over the last overlong_buffer tokens before the limit)")
     _check(lr.loss_aggregation in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
            f"learner.loss_aggregation={lr.loss_aggregation!r} must be 'token_mean', 'seq_mean_token_mean' or "
            "'seq_mean_token_sum'")
-    _check(lr.algorithm not in ("grpo", "rloo") or lr.kl_in_loss or lr.kl_coef == 0,
+    _check(lr.algorithm not in GROUP_ALGORITHMS or lr.kl_in_loss or lr.kl_coef == 0,
            f"learner.algorithm={lr.algorithm} gives one advantage per sample, so a per-token KL penalty in the reward "
            "does not reach it: set learner.kl_in_loss=true (k3 in the loss, as GRPO does) or learner.kl_coef=0")
-    _check(lr.algorithm not in ("grpo", "rloo") or r.samples_per_prompt >= 2,
+    _check(lr.algorithm not in GROUP_ALGORITHMS or r.samples_per_prompt >= 2,
            f"learner.algorithm={lr.algorithm} compares the samples of one prompt: rollout.samples_per_prompt="
            f"{r.samples_per_prompt} must be >= 2")
     _validate_critic(cfg, check_paths)
     _check(lr.ref_dtype in ("", "bfloat16", "float32"),
            f"learner.ref_dtype={lr.ref_dtype!r} must be '' (the model's dtype), 'bfloat16' or 'float32'")
+    _check(lr.ref_dtype in ("", cfg.model.dtype) or lr.kl_coef == 0,
+           f"learner.ref_dtype={lr.ref_dtype} with model.dtype={cfg.model.dtype}: the reference's logprobs would "
+           "differ from the policy's by rounding alone, so kl/mean would start above 0 (it measured precision, "
+           "not drift: 0.18-0.38 nats per sample with a bf16 reference beside an fp32 policy) and the penalty "
+           "would pay for it; set learner.ref_dtype='' (learner.ref_offload=true keeps it in host memory)")
     per_step = lr.num_ranks * lr.num_minibatches
     _check(cfg.batch_size % per_step == 0,
            f"data.prompts_per_iteration * rollout.samples_per_prompt = {cfg.batch_size} samples must split evenly "

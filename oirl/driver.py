@@ -34,8 +34,16 @@ from learner.critic import check_critic_init
 from learner.group import LearnerGroup
 from oirl import checkpoint, faults
 from oirl.batch import add_column, generate_seconds, validate_versions
-from oirl.config import OFFLINE_ENV, ConfigError, RunConfig, check_resume, fused_old_logprobs_blockers
+from oirl.config import (
+    GROUP_ALGORITHMS,
+    OFFLINE_ENV,
+    ConfigError,
+    RunConfig,
+    check_resume,
+    fused_old_logprobs_blockers,
+)
 from oirl.data import PromptDataset
+from oirl.groups import count_informative, fill_groups
 from oirl.metrics import MetricsLogger, plot_curves
 from oirl.models import resolve_model
 from oirl.plan import (
@@ -85,15 +93,15 @@ def start_ray(address: str, num_cpus: int) -> bool:
     return True
 
 
-def seeds_for(seed: int, iteration: int, prompt_ids: list[int]) -> list[int]:
+def seeds_for(seed: int, iteration: int, prompt_ids: list[int], round_: int = 0) -> list[int]:
     """One sampling seed per prompt of iteration ``iteration``, the same on --resume. A prompt drawn twice in one
     batch (the batch crosses an epoch boundary) gets a different seed each time, so its copies do not repeat each
-    other's samples."""
+    other's samples; ``round_`` > 0: the prompts of a dynamic-sampling refill (learner.dynamic_sampling)."""
     seen: dict[int, int] = {}
     seeds = []
     for p in prompt_ids:
         k = seen[p] = seen.get(p, -1) + 1
-        key = [seed, iteration, p] + ([k] if k else [])
+        key = [seed, iteration, p] + ([k] if k or round_ else []) + ([round_] if round_ else [])
         seeds.append(int(np.random.default_rng(key).integers(2**31 - 1)))
     return seeds
 
@@ -188,6 +196,26 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             batch = pool.collect(drawn[0], resync, settle=transport == "collective")
             return add_column(batch, "reference", [drawn[1][i] for i in batch.column("prompt_id").to_pylist()])
 
+        def refill(k: int, batch: pa.Table, rewards: np.ndarray, state: Any) -> tuple[Any, ...]:
+            """DAPO's dynamic sampling (learner.dynamic_sampling): while fewer than data.prompts_per_iteration groups
+            of ``batch`` have rewards that differ, generate (with the version the engines serve) and score more
+            prompts, up to learner.dynamic_sampling_max_rounds rounds in all; then keep that many whole groups,
+            informative ones first (oirl/groups.py)."""
+            rounds = [(batch, rewards)]
+            target = cfg.data.prompts_per_iteration
+            while len(rounds) < cfg.learner.dynamic_sampling_max_rounds and count_informative(rounds) < target:
+                prompts = dataset.next_batch()
+                seeds = seeds_for(cfg.seed, k, [p.prompt_id for p in prompts], round_=len(rounds))
+                extra = finish((pool.submit(prompts, k, served, seeds), {p.prompt_id: p.reference for p in prompts}))
+                x_rewards, state, failed, raw = get_all([reward.score_batch.remote(extra, state)],
+                                                        cfg.reward.timeout_s + 60.0, f"reward (iteration {k}, refill)",
+                                                        ["the reward actor"])[0]
+                extra, x_rewards = drop_failed(add_column(extra, "reward_raw", raw), x_rewards, failed, True, 1)
+                rounds.append((add_column(extra, "reward", x_rewards), x_rewards))
+            batch, rewards, frac = fill_groups(rounds, target)
+            return batch, rewards, state, {"rollout/dynamic_rounds": float(len(rounds)),
+                                           "rollout/dynamic_informative_frac": frac}
+
         reward_state, restored_row, ahead = None, None, None  # ahead: the next iteration's batch, already generated
         if committed is not None:
             learner.call("load_checkpoint", str(ckpt_dir), committed["tag"])
@@ -223,21 +251,25 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                     ray.kill(reward, no_restart=False)  # Ray restarts it and retries the call
                 # The actor retries transient backend failures within reward.timeout_s, then raises naming the
                 # sample; the extra minute lets that answer (and the scoring after the last retry) arrive.
-                rewards, reward_state, failed = get_all([ref], cfg.reward.timeout_s + 60.0, f"reward (iteration {it})",
-                                                        ["the reward actor"])[0]
+                rewards, reward_state, failed, raw = get_all([ref], cfg.reward.timeout_s + 60.0,
+                                                             f"reward (iteration {it})", ["the reward actor"])[0]
+                batch = add_column(batch, "reward_raw", raw)  # before normalisation and clipping: what curves show
                 # reward.on_failure=drop: failed samples leave the batch (group-relative: with their prompt group)
                 scored = batch.num_rows
-                batch, rewards = drop_failed(batch, rewards, failed, cfg.learner.algorithm in ("grpo", "rloo"),
+                batch, rewards = drop_failed(batch, rewards, failed, cfg.learner.algorithm in GROUP_ALGORITHMS,
                                              cfg.learner.num_ranks * cfg.learner.num_minibatches)
                 reward_stats = {"reward/failed": float(len(failed)), "reward/dropped": float(scored - batch.num_rows)}
                 if failed:
                     logger.warning("iteration %d: %d rewards failed, %d of %d samples left the batch (first: %s)",
                                    it, len(failed), scored - batch.num_rows, scored, failed[min(failed)])
                 batch = add_column(batch, "reward", rewards)
+            if cfg.learner.dynamic_sampling:  # DAPO: groups without a signal leave, more prompts fill the batch
+                with timed(timings, "dynamic_sampling"):
+                    batch, rewards, reward_state, dynamic = refill(it, batch, rewards, reward_state)
+                    reward_stats.update(dynamic)
 
             with timed(timings, "prepare"):  # old + reference logprobs, values, KL-shaped rewards, GAE
-                prep = learner_phase(learner, "prepare", it, ray.put(batch), it, cfg.sync.on_policy_tolerance,
-                                     cfg.learner.importance_cap if r.async_steps else 0.0)
+                prep = learner_phase(learner, "prepare", it, ray.put(batch), it, cfg.sync.on_policy_tolerance)
                 verdict = check_on_policy(prep, cfg.sync, it)
 
             with timed(timings, "update"):
@@ -349,7 +381,7 @@ def iteration_metrics(it: int, batch: pa.Table, rewards: np.ndarray, timings: di
         "rollout/response_tokens_mean": resp_tokens / batch.num_rows,
         "rollout/prompt_tokens_mean": prompt_tokens / batch.num_rows,  # with the response: the compute floor's tokens
         "rollout/engine_restarts": engine_restarts,
-        "reward/mean": float(np.mean(rewards)),
+        "reward/mean": float(np.mean(rewards)),  # what the learner trains on: normalised when reward.normalize
         "reward/std": float(np.std(rewards)),
         # The engines' own generation time: in one-step-off mode the batch was generated during the previous
         # iteration, so this iteration's generate phase holds almost none of it.
@@ -357,6 +389,9 @@ def iteration_metrics(it: int, batch: pa.Table, rewards: np.ndarray, timings: di
         "perf/gen_tokens_per_s": resp_tokens / engine_s,
         "perf/samples_per_s": batch.num_rows / timings["timing_s/iteration"],
     }
+    if "reward_raw" in batch.column_names:  # the reward before normalisation and clipping: learning shows here
+        raw = batch.column("reward_raw").to_numpy()
+        row.update({"reward/raw_mean": float(np.mean(raw)), "reward/raw_std": float(np.std(raw))})
     for s in stats:
         row.update(s)
     row.update(timings)

@@ -96,8 +96,9 @@ def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> None:
         return
     it = [r["iteration"] for r in rows]
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
-    axes[0].plot(it, [r["reward/mean"] for r in rows], marker="o")
-    axes[0].set_title("reward/mean")
+    key = "reward/raw_mean" if all("reward/raw_mean" in r for r in rows) else "reward/mean"  # before normalisation
+    axes[0].plot(it, [r[key] for r in rows], marker="o")
+    axes[0].set_title(key)
     axes[1].plot(it, [r["kl/mean"] for r in rows], marker="o", color="tab:red")
     axes[1].set_title("kl/mean (per sequence)")
     axes[2].plot(it, [r.get("perf/gen_tokens_per_s", 0.0) for r in rows], marker="o", color="tab:green")

@@ -208,7 +208,7 @@ def sync_weights(learner: Any, engines: list[Any], version: int, cfg: Any, trans
     stats["sync/served_check_s"] = time.perf_counter() - t_load
     if canary is not None and canary.num_rows:
         t_canary = time.perf_counter()
-        stats["sync/logprob_max_abs_diff"] = canary_check(learner, engines, canary, cfg)
+        stats.update(canary_check(learner, engines, canary, cfg))
         stats["sync/canary_s"] = time.perf_counter() - t_canary
         stats["sync/canary_tokens"] = float(sum(len(r) for r in canary.column("response_token_ids").to_pylist()))
     return stats
@@ -219,32 +219,51 @@ def canary_due(version: int, every: int) -> bool:
     return every > 0 and (version - 1) % every == 0
 
 
-def canary_check(learner: Any, engines: list[Any], rows: pa.Table, cfg: Any) -> float:
+def canary_check(learner: Any, engines: list[Any], rows: pa.Table, cfg: Any) -> dict[str, float]:
+    """Every engine and the learner score the tokens of ``rows``; an engine fails (SyncError naming it) when more
+    than sync.canary_max_frac of the tokens differ by more than sync.canary_tolerance, or when the k3 estimate of
+    KL(engine || learner) on them exceeds sync.max_mismatch_kl (> 0): statistics of the whole set, not a max, so
+    bf16 kernel noise on a few low-probability tokens does not stop a run that one stale update would
+    (benchmarks/results/check_calibration.json). Returns the worst engine's statistics."""
     prompts = rows.column("prompt_token_ids").to_pylist()
     responses = rows.column("response_token_ids").to_pylist()
     keep = [i for i, r in enumerate(responses) if r]
     seqs = [prompts[i] + responses[i] for i in keep]
     plens = [len(prompts[i]) for i in keep]
     if not seqs:
-        return 0.0
+        return {}
     engine_refs = [e.prompt_logprobs.remote(seqs, plens) for e in engines]
     learner_lp = learner.call_rank0("logprobs", seqs, plens)
-    worst = 0.0
+    worst: dict[str, float] = {}
     for k, engine_lp in enumerate(_wait(engine_refs, cfg.timeout_s, "canary")):
-        worst = max(worst, canary_diff(k, engine_lp, learner_lp))
-        if worst > cfg.canary_tolerance:
-            raise SyncError(f"canary: engine {k} logprobs differ from the learner's by {worst:.3g} > "
-                            f"sync.canary_tolerance={cfg.canary_tolerance}; the engine does not serve the "
-                            "published weights")
+        st = canary_verdict(k, canary_diff(k, engine_lp, learner_lp), cfg)
+        worst = max(worst, st, key=lambda x: x.get("sync/canary_k3_kl", -1.0))
     return worst
 
 
-def canary_diff(engine: int, engine_lp: list[Any], learner_lp: list[Any]) -> float:
-    """Largest |engine - learner| logprob over the canary's tokens. A NaN or inf, or sequences of another length,
-    is an error: either would otherwise compare as no difference at all."""
+def canary_verdict(engine: int, log_r: np.ndarray, cfg: Any) -> dict[str, float]:
+    """The canary's statistics of one engine from log(learner / engine) of every token [T]; SyncError naming the
+    engine when they are beyond sync.canary_tolerance / canary_max_frac or sync.max_mismatch_kl."""
+    diff = np.abs(log_r)
+    st = {"sync/logprob_max_abs_diff": float(diff.max(initial=0.0)),
+          "sync/canary_frac_over_tol": float((diff > cfg.canary_tolerance).mean()) if diff.size else 0.0,
+          "sync/canary_k3_kl": float(np.mean(np.exp(log_r) - 1 - log_r)) if diff.size else 0.0}
+    bad_kl = cfg.max_mismatch_kl > 0 and st["sync/canary_k3_kl"] > cfg.max_mismatch_kl
+    if st["sync/canary_frac_over_tol"] > cfg.canary_max_frac or bad_kl:
+        raise SyncError(f"canary: engine {engine} logprobs differ from the learner's by "
+                        f"{st['sync/logprob_max_abs_diff']:.3g} at most: {st['sync/canary_frac_over_tol']:.2%} of "
+                        f"{diff.size} tokens over sync.canary_tolerance={cfg.canary_tolerance} (allowed: "
+                        f"sync.canary_max_frac={cfg.canary_max_frac}), mismatch KL {st['sync/canary_k3_kl']:.3g} "
+                        f"(sync.max_mismatch_kl={cfg.max_mismatch_kl}); the engine does not serve the published weights")
+    return st
+
+
+def canary_diff(engine: int, engine_lp: list[Any], learner_lp: list[Any]) -> np.ndarray:
+    """log(learner / engine) of every canary token, concatenated [T] float64. A NaN or inf, or sequences of another
+    length, is an error: either would otherwise compare as no difference at all."""
     if len(engine_lp) != len(learner_lp):
         raise SyncError(f"canary: engine {engine} scored {len(engine_lp)} sequences, the learner {len(learner_lp)}")
-    worst = 0.0
+    out = []
     for i, (a, b) in enumerate(zip(engine_lp, learner_lp)):
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         if a.shape != b.shape:
@@ -254,9 +273,8 @@ def canary_diff(engine: int, engine_lp: list[Any], learner_lp: list[Any]) -> flo
             raise SyncError(f"canary: sequence {i}: a non-finite logprob (engine {engine}: {int((~np.isfinite(a)).sum())}"
                             f" of {a.size}, learner: {int((~np.isfinite(b)).sum())} of {b.size}); the weights are "
                             "broken on one side")
-        if a.size:
-            worst = max(worst, float(np.max(np.abs(a - b))))
-    return worst
+        out.append(b - a)
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 class OnPolicyError(SyncError):
@@ -271,7 +289,8 @@ def check_on_policy(stats: dict[str, float], cfg: Any, iteration: int, required:
     canary). ``required``: the last phase that could have checked, so no check at all is an error.
 
     Fails (or warns, sync.on_policy_action=warn) when more than sync.on_policy_max_frac of the response tokens
-    differ by more than sync.on_policy_tolerance: the engines then sample from another policy than the one trained;
+    differ by more than sync.on_policy_tolerance, or the k3 estimate of KL(engine || learner) on them exceeds
+    sync.max_mismatch_kl (> 0): the engines then sample from another policy than the one trained;
     the message names the engines whose rows fail. A non-finite logprob on any rank fails whatever the action."""
     key = "rollout/engine_learner_logprob"
     if f"{key}_tokens_checked" not in stats:
@@ -281,20 +300,25 @@ def check_on_policy(stats: dict[str, float], cfg: Any, iteration: int, required:
         return "deferred"
     if stats[f"{key}_tokens_checked"] == 0:
         return "not_checked"
+    kl = stats.get(f"{key}_k3_kl", 0.0)
     nonfinite = stats[f"{key}_nonfinite"]
     if nonfinite:
         raise OnPolicyError(f"iteration {iteration}: on-policy check failed: {int(nonfinite)} response tokens have "
                             "a non-finite (NaN or inf) engine or learner logprob; the weights are broken on one side")
     frac, worst, mean = stats[f"{key}_frac_over_tol"], stats[f"{key}_max_abs_diff"], stats[f"{key}_mean_abs_diff"]
-    if frac <= cfg.on_policy_max_frac:
+    if frac <= cfg.on_policy_max_frac and not (cfg.max_mismatch_kl > 0 and kl > cfg.max_mismatch_kl):
         return "passed"
-    engines = sorted((int(k[len(key) + 7: -len("_frac_over_tol")]), v) for k, v in stats.items()
+    engines = sorted(int(k[len(key) + 7: -len("_frac_over_tol")]) for k in stats
                      if k.startswith(f"{key}_engine") and k.endswith("_frac_over_tol"))
-    bad = [f"engine {e} ({v:.2%} over)" for e, v in engines if v > cfg.on_policy_max_frac]
+    bad = []
+    for e in engines:
+        e_frac, e_kl = stats[f"{key}_engine{e}_frac_over_tol"], stats.get(f"{key}_engine{e}_k3_kl", 0.0)
+        if e_frac > cfg.on_policy_max_frac or (cfg.max_mismatch_kl > 0 and e_kl > cfg.max_mismatch_kl):
+            bad.append(f"engine {e} ({e_frac:.2%} over, KL {e_kl:.3g})")
     msg = (f"iteration {iteration}: on-policy check failed on {', '.join(bad) or 'the batch'}: {frac:.2%} of the "
            f"response tokens have |engine logprob - learner logprob| > sync.on_policy_tolerance="
            f"{cfg.on_policy_tolerance} (allowed: sync.on_policy_max_frac={cfg.on_policy_max_frac}); max {worst:.3g}, "
-           f"mean {mean:.3g}. The engines do not sample from the policy the learner trains (stale or wrong weights, "
+           f"mean {mean:.3g}, mismatch KL {kl:.3g} (sync.max_mismatch_kl={cfg.max_mismatch_kl}). The engines do not sample from the policy the learner trains (stale or wrong weights, "
            "dtype, temperature or sampling settings differ); for bf16 raise the tolerance or max_frac, or set "
            "sync.on_policy_action=warn to continue anyway")
     if cfg.on_policy_action == "warn":

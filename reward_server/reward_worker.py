@@ -3,7 +3,7 @@ inverse RL: a reward learned offline, queried online).
 
 Public methods (its RPC surface; the HTTP front in reward_server/http.py calls the same class in-process):
     score(batch: pa.Table) -> np.ndarray[float32]                     # one scalar reward per row
-    score_batch(batch, norm_state: dict | None) -> (np.ndarray[float32], dict, dict[int, str])
+    score_batch(batch, norm_state: dict | None) -> (rewards, dict, dict[int, str], raw rewards)
     score_texts(prompts, responses, references, update_stats=True) -> np.ndarray[float32]
     stats() -> dict
     peak_rss_mib() -> float                                           # this actor's peak memory
@@ -418,10 +418,12 @@ class RewardWorker:
         total, _ = self._combined(*self._texts(batch), name=self._namer(batch))
         return self._finish(total, self.moments, update_stats=True)
 
-    def score_batch(self, batch: Any, norm_state: dict | None) -> tuple[np.ndarray, dict, dict[int, str]]:
+    def score_batch(self, batch: Any, norm_state: dict | None
+                    ) -> tuple[np.ndarray, dict, dict[int, str], np.ndarray]:
         """Like ``score``, but the running moments belong to the caller: normalise with ``norm_state`` (None = no
         reward seen yet) and return (rewards [B] float32, updated moments {'count', 'mean', 'm2'}, failed rows
-        {row: message naming it}). The actor keeps nothing, so a restarted actor given the returned state continues
+        {row: message naming it}, raw rewards [B] float32: before normalisation and clipping, what curves and
+        summaries show). The actor keeps nothing, so a restarted actor given the returned state continues
         exactly. reward.on_failure=error raises at the first failure (nothing is failed then); with 'drop', failed
         rows are NaN, left out of the moments, and the caller removes them (reward_server.failures.drop_failed)."""
         moments = RunningMoments.from_state(norm_state)
@@ -436,7 +438,7 @@ class RewardWorker:
         if failed:
             logger.warning("reward.on_failure=drop: %d of %d samples failed; the first: %s", len(failed), len(total),
                            failed[min(failed)])
-        return rewards, moments.state(), failed
+        return rewards, moments.state(), failed, total.astype(np.float32)
 
     def stats(self) -> dict:
         return {"scored": self.scored, "running_mean": self.moments.mean, "running_std": self.moments.std}

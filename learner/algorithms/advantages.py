@@ -3,7 +3,7 @@ estimators, the whole batch) to per-token advantages [b, R] and, for PPO, the cr
 
 ppo:          GAE over KL-shaped token rewards and the critic's values (learner/ppo.py).
 reinforce_pp: the discounted return of the KL-shaped token rewards (whitened over all ranks by the caller).
-grpo / rloo:  one advantage per sample from its group (the samples of one prompt), computed on the whole batch that
+grpo / rloo:  (and gspo, dapo: grpo's) one advantage per sample from its group (the samples of one prompt), computed on the whole batch that
               every rank holds, so a group split over ranks is still one group; KL then goes in the loss.
 """
 
@@ -38,10 +38,11 @@ def per_token_advantages(cfg: Any, reward: torch.Tensor, kl: torch.Tensor, mask:
     if cfg.algorithm == "reinforce_pp":
         return reinforce_pp_returns(reward, kl, mask, kl_coef, cfg.gamma), None
     one = torch.ones(len(batch_rewards), 1, dtype=batch_rewards.dtype, device=batch_rewards.device)
-    if cfg.algorithm == "grpo":
+    if cfg.algorithm in ("grpo", "gspo", "dapo"):  # GSPO and DAPO change the loss and the batch, not the advantage
         per_sample = grpo_advantages(batch_rewards, batch_groups, one, scale_by_std=cfg.grpo_scale_by_std)
     elif cfg.algorithm == "rloo":
         per_sample = rloo_advantages(batch_rewards, batch_groups, one)
     else:
-        raise ValueError(f"unknown learner.algorithm {cfg.algorithm!r}; use ppo, grpo, rloo or reinforce_pp")
+        raise ValueError(f"unknown learner.algorithm {cfg.algorithm!r}; use ppo, grpo, rloo, reinforce_pp, gspo or "
+                         "dapo")
     return per_sample[rows, 0].unsqueeze(-1) * mask, None

@@ -12,14 +12,16 @@ import torch
 from learner import ppo
 from learner.algorithms import (
     aggregate,
+    correction_weights,
     group_index,
     grpo_advantages,
+    gspo_policy_loss,
     kl_loss_k3,
     masked_moments,
+    overlong_penalty,
     reinforce_pp_advantages,
     reinforce_pp_returns,
     rloo_advantages,
-    truncated_importance_weights,
     whiten_by_moments,
 )
 
@@ -289,28 +291,6 @@ def test_kl_loss_k3_value_and_gradient():
     assert ref.grad is None  # the reference is not trained through the KL term
 
 
-def test_truncated_importance_weights_hand_computed():
-    # ratios pi_old/mu = 1, 2, 0.5, 4 on row 0 and 3 on row 1; cap 2.5 -> weights 1, 2, 0.5, 2.5, 2.5;
-    # truncated: 4 and 3 -> 2 of 5 valid tokens; weight mean 8.5/5 = 1.7; max ratio 4. Padding has ratio e^10, which
-    # must not count anywhere.
-    behaviour = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-2.0, 0.0, 0.0, 0.0]])
-    old = behaviour + torch.log(torch.tensor([[1.0, 2.0, 0.5, 4.0], [3.0, 1.0, 1.0, 1.0]]))
-    old[1, 1:] = 10.0
-    old.requires_grad_(True)
-    mask = ragged_mask([4, 1], 4)
-    w, stats = truncated_importance_weights(old, behaviour, mask, cap=2.5)
-    np.testing.assert_allclose(w.numpy(), [[1.0, 2.0, 0.5, 2.5], [2.5, 0, 0, 0]], rtol=1e-6)
-    assert not w.requires_grad
-    got = {k: v.item() for k, v in stats.items()}
-    assert got == pytest.approx({"num_tokens": 5, "weight_sum": 8.5, "num_truncated": 2, "weight_mean": 1.7,
-                                 "ratio_max": 4.0, "truncated_fraction": 0.4}, rel=1e-6)
-    # Nothing truncated under a cap above every ratio; the weights are then the plain ratios.
-    w, stats = truncated_importance_weights(old, behaviour, mask, cap=5.0)
-    assert stats["num_truncated"].item() == 0 and stats["weight_sum"].item() == pytest.approx(1 + 2 + 0.5 + 4 + 3)
-    with pytest.raises(ValueError, match="cap"):
-        truncated_importance_weights(old, behaviour, mask, cap=0.0)
-
-
 # ---- device discipline ----
 
 def test_every_function_stays_on_the_inputs_device():
@@ -327,7 +307,9 @@ def test_every_function_stays_on_the_inputs_device():
     ret = outs[4]
     outs.append(whiten_by_moments(ret, mask, masked_moments(ret, mask)))
     per_token = ppo.policy_loss(logp, beh, outs[1], 0.2)[0] + 0.04 * kl_loss_k3(logp, ref)
-    weights, stats = truncated_importance_weights(beh, logp, mask, cap=2.0)
+    weights, stats = correction_weights(beh, logp, mask, "tis", cap=2.0)
+    gspo, gspo_clipped = gspo_policy_loss(logp, beh, outs[1], mask, 0.2, 0.28)
+    outs += [gspo, gspo_clipped, overlong_penalty(groups, 16, 4)]
     outs += [per_token, weights, *stats.values()]
     outs += [aggregate(per_token * weights, mask, m, token_norm=64) for m in
              ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")]
@@ -380,8 +362,8 @@ def test_policy_token_loss_by_hand():
 
     from learner.algorithms import policy_token_loss
 
-    cfg = SimpleNamespace(clip_ratio=0.2, value_clip=10.0, vf_coef=0.5, kl_coef=0.1, kl_in_loss=True,
-                          entropy_coef=0.01)
+    cfg = SimpleNamespace(algorithm="ppo", clip_ratio=0.2, clip_ratio_high=0.0, value_clip=10.0, vf_coef=0.5,
+                          kl_coef=0.1, kl_in_loss=True, entropy_coef=0.01)
     logp = torch.log(torch.tensor([[0.5]]))
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))  # entropy 1.5 ln 2
     mb = {"old_logprobs": logp.clone(), "advantages": torch.tensor([[2.0]]), "old_values": torch.tensor([[0.0]]),
@@ -396,3 +378,63 @@ def test_policy_token_loss_by_hand():
     cfg.kl_in_loss, cfg.entropy_coef = False, 0.0
     loss, parts = policy_token_loss(cfg, logp, logits, None, {**mb, "is_weights": torch.tensor([[0.5]])})
     assert loss.item() == -1.0 and parts["vl"].item() == 0.0 and parts["ent"].item() == 0.0
+
+
+# ---- GSPO and DAPO ----
+
+def test_clip_higher_widens_only_the_upper_side():
+    """DAPO's clip-higher: ratio 1.25 with A > 0 is clipped at 1.2 by a symmetric 0.2 but not by 0.2/0.28; the
+    lower side (ratio 0.7, A < 0: clipped at 0.8) is the same either way."""
+    old = torch.zeros(1, 2)
+    logp = torch.log(torch.tensor([[1.25, 0.7]]))
+    adv = torch.tensor([[1.0, -1.0]])
+    sym, sym_clipped = ppo.policy_loss(logp, old, adv, 0.2)
+    high, high_clipped = ppo.policy_loss(logp, old, adv, 0.2, 0.28)
+    torch.testing.assert_close(sym, torch.tensor([[-1.2, 0.8]]))
+    torch.testing.assert_close(high, torch.tensor([[-1.25, 0.8]]))
+    assert sym_clipped.tolist() == [[1.0, 1.0]] and high_clipped.tolist() == [[0.0, 1.0]]
+
+
+def test_gspo_sequence_ratio_and_clip_by_hand():
+    """Sample 0: token ratios 2 and 0.5 -> geometric mean 1 (unclipped), A = 3 -> loss -3 on both tokens.
+    Sample 1: one token, ratio 1.5 > 1 + 0.2, A = 2 -> clipped: -1.2 * 2 = -2.4. Sample 2: ratio 0.5 < 0.8 with
+    A = -1 -> -min(-0.5, -0.8) = 0.8. Padding stays 0; the gradient reaches every token through the sample's mean."""
+    old = torch.zeros(3, 2)
+    logp = torch.log(torch.tensor([[2.0, 0.5], [1.5, 1.0], [0.5, 1.0]])).requires_grad_(True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    adv = torch.tensor([[3.0, 3.0], [2.0, 0.0], [-1.0, 0.0]])
+    loss, clipped = gspo_policy_loss(logp, old, adv, mask, 0.2)
+    torch.testing.assert_close(loss.detach(), torch.tensor([[-3.0, -3.0], [-2.4, 0.0], [0.8, 0.0]]))
+    assert clipped.tolist() == [[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]]
+    aggregate(loss, mask, "seq_mean_token_mean").backward()
+    # d(-s*A)/dlogp_t = -A * s / n on the unclipped sample (s = 1, n = 2): -1.5 per token; clipped samples: 0
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.5, -0.5], [0.0, 0.0], [0.0, 0.0]]))
+
+
+def test_gspo_per_token_loss_is_used_for_algorithm_gspo():
+    from types import SimpleNamespace
+
+    from learner.algorithms import policy_token_loss
+
+    cfg = SimpleNamespace(algorithm="gspo", clip_ratio=0.2, clip_ratio_high=0.0, vf_coef=0.0, kl_coef=0.0,
+                          kl_in_loss=False, entropy_coef=0.0)
+    logp = torch.log(torch.tensor([[2.0, 0.5]]))
+    mb = {"old_logprobs": torch.zeros(1, 2), "advantages": torch.tensor([[3.0, 3.0]]),
+          "resp_mask": torch.ones(1, 2)}
+    loss, _ = policy_token_loss(cfg, logp, None, None, mb)
+    torch.testing.assert_close(loss, torch.tensor([[-3.0, -3.0]]))  # the sample's ratio is 1: no clip
+    cfg.algorithm = "grpo"
+    token_level, _ = policy_token_loss(cfg, logp, None, None, mb)
+    torch.testing.assert_close(token_level, torch.tensor([[-3.6, -1.5]]))  # ratio 2 clipped at 1.2; 0.5 unclipped
+    # The rollout correction's weight multiplies the sequence-level surrogate too.
+    cfg.algorithm = "gspo"
+    weighted, _ = policy_token_loss(cfg, logp, None, None, {**mb, "is_weights": torch.tensor([[0.5, 0.5]])})
+    torch.testing.assert_close(weighted, torch.tensor([[-1.5, -1.5]]))
+
+
+def test_overlong_penalty_by_hand():
+    """max_len 16, buffer 4: no penalty up to 12 tokens, then -1/4 per token, -1 (x factor) at 16."""
+    lengths = torch.tensor([0, 12, 13, 14, 16])
+    torch.testing.assert_close(overlong_penalty(lengths, 16, 4), torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0]))
+    torch.testing.assert_close(overlong_penalty(lengths, 16, 4, 0.5), torch.tensor([0.0, 0.0, -0.125, -0.25, -0.5]))
+    assert overlong_penalty(lengths, 16, 0).abs().sum() == 0

@@ -221,8 +221,9 @@ def test_policy_loss_is_aggregated_as_the_loss_is(ray_cluster, tiny_model_path, 
     KL, one step: before the step the ratio is 1, so the clipped surrogate of token t of row i is -A_i, and the
     loss is -sum_i n_i A_i over the tokens (token_mean) or over token_norm x the rows (seq_mean_token_sum).
 
-    cap > 0: one-step-off rows (version 0 trained at iteration 1) whose engine logprob is -50, so every truncated
-    importance weight min(pi / mu, cap) is the cap: the weights reach the loss only if it doubles."""
+    cap > 0: learner.rollout_correction=tis on rows whose engine logprob is -50, so every truncated importance
+    weight min(pi / mu, cap) is the cap: the weights reach the loss only if it doubles. Otherwise no correction
+    (the engine logprobs of 0 here are no engine's)."""
     import torch
     from transformers import AutoConfig
 
@@ -238,11 +239,12 @@ def test_policy_loss_is_aggregated_as_the_loss_is(ray_cluster, tiny_model_path, 
                                [[-50.0 if cap else 0.0] * n for n in lengths],
                                ["length"] * N, 0)
     cfg = LearnerConfig(num_ranks=1, algorithm="grpo", kl_coef=0.0, loss_aggregation=mode, max_new_tokens=16,
-                        ppo_epochs=1, num_minibatches=1, num_cpus=0.5, timeout_s=600)
+                        ppo_epochs=1, num_minibatches=1, num_cpus=0.5, timeout_s=600, old_logprobs="forward",
+                        rollout_correction="tis" if cap else "none", importance_cap=cap or 2.0)
     group = LearnerGroup(cfg, tiny_model_path, "float32", seed=0, temperature=1.0, run_id=f"agg-{mode}-{cap}",
                          micro_batch=N)
     try:
-        prep = group.call_rank0("prepare", add_column(table, "reward", rewards), int(cap > 0), 1e-3, cap)
+        prep = group.call_rank0("prepare", add_column(table, "reward", rewards), 0)
         stats = group.call_rank0("update")
     finally:
         group.shutdown()
@@ -253,4 +255,5 @@ def test_policy_loss_is_aggregated_as_the_loss_is(ray_cluster, tiny_model_path, 
     assert abs(want) > 0.01
     if cap:
         assert prep["learner/is_truncated_frac"] == 1.0 and prep["learner/is_weight_mean"] == cap
+        assert prep["rollout/mismatch_k3_kl"] > 40  # r - 1 - log r with log r ~ 50 - |lp|: a huge mismatch
     assert stats["learner/policy_loss"] == pytest.approx(want, rel=1e-4, abs=1e-6)

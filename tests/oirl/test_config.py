@@ -55,13 +55,19 @@ def test_dotted_overrides_in_both_spellings():
     ("learner.update_autocast=float16", "learner.update_autocast='float16' must be '' (off) or 'bfloat16'"),
     ("learner.old_logprobs=engine", "learner.old_logprobs='engine' must be 'auto', 'forward' or 'update'"),
     ("learner.old_logprobs=update", "learner.old_logprobs=update needs a critic-free learner.algorithm"),
-    ("learner.algorithm=grpo", "set learner.kl_in_loss=true"),
+    ("learner.algorithm=grpo learner.kl_in_loss=false", "set learner.kl_in_loss=true"),
+    ("learner.algorithm=a2c", "learner.algorithm='a2c' must be one of ppo, grpo, rloo, reinforce_pp, gspo, dapo"),
+    ("learner.rollout_correction=is", "learner.rollout_correction='is' must be 'tis', 'mis', 'seq' or 'none'"),
+    ("learner.mis_level=batch", "learner.mis_level='batch' must be 'token' or 'sequence'"),
+    ("learner.dynamic_sampling=true", "learner.dynamic_sampling drops groups"),
+    ("learner.overlong_buffer=16", "learner.overlong_buffer=16 must be below rollout.max_new_tokens=16"),
     ("learner.algorithm=rloo learner.kl_in_loss=true rollout.samples_per_prompt=1",
      "rollout.samples_per_prompt=1 must be >= 2"),
     ("rollout.async_steps=2", "rollout.async_steps=2 must be 0 or 1: 0 on-policy, 1 one-step-off"),
     ("learner.importance_cap=0", "learner.importance_cap=0.0 must be > 0"),
     ("learner.loss_aggregation=sum", "learner.loss_aggregation='sum' must be"),
     ("learner.ref_dtype=float16", "learner.ref_dtype='float16' must be"),
+    ("learner.ref_dtype=bfloat16", "the reference's logprobs would differ from the policy's by rounding alone"),
     ("learner.gae_lambda=1.5", "learner.gae_lambda=1.5 must be in [0, 1]"),
     ("sync.canary_tolerance=0", "sync.canary_tolerance=0.0 must be > 0"),
     ("sync.on_policy_tolerance=-1", "sync.on_policy_tolerance=-1.0 must be > 0"),
@@ -165,3 +171,17 @@ def test_bf16_is_accepted_with_bf16_tolerances():
     with pytest.raises(ConfigError, match=r"with sync.canary_tolerance=0.001: .* set sync.on_policy_tolerance=0.1"):
         load_config(REPO_ROOT / "configs" / "smoke.yaml", ["model.dtype=bfloat16", "sync.on_policy_tolerance=0.1"])
 
+
+def test_an_algorithm_brings_its_recipe_for_the_settings_left_unset():
+    """learner.algorithm=dapo alone runs DAPO (clip-higher, dynamic sampling, overlong shaping, KL off); a setting
+    the user gives wins over the recipe."""
+    smoke = str(REPO_ROOT / "configs" / "smoke.yaml")  # sets learner.kl_coef=0.01 itself
+    dapo = load_config(smoke, ["learner.algorithm=dapo"]).learner
+    assert (dapo.clip_ratio, dapo.clip_ratio_high, dapo.dynamic_sampling, dapo.overlong_buffer) == (0.2, 0.28, True, 3)
+    assert dapo.kl_in_loss and dapo.kl_coef == 0.01  # the file's kl_coef is the user's
+    gspo = load_config(smoke, ["learner.algorithm=gspo", "learner.clip_ratio_high=0.001"]).learner
+    assert (gspo.clip_ratio, gspo.clip_ratio_high) == (3e-4, 1e-3)
+    assert (gspo.loss_aggregation, gspo.rollout_correction) == ("seq_mean_token_mean", "seq")
+    assert load_config(smoke, ["learner.algorithm=grpo"]).learner.kl_in_loss
+    ppo = load_config(smoke).learner
+    assert not ppo.kl_in_loss and not ppo.dynamic_sampling and ppo.clip_ratio_high == 0

@@ -2,6 +2,7 @@
 enforcement of the on-policy statistics."""
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from oirl.sync import (
     SyncError,
     canary_diff,
     canary_due,
+    canary_verdict,
     check_against_checkpoint,
     check_on_policy,
     checkpoint_tensors,
@@ -77,7 +79,7 @@ def test_shm_is_refused_across_nodes_and_auto_picks_by_node():
 def test_canary_diff_fails_on_nan_inf_or_missing_logprobs():
     engine = [np.array([-1.0, -2.0]), np.array([], dtype=np.float32), np.array([-0.5])]
     learner = [np.array([-1.0, -2.25]), np.array([], dtype=np.float32), np.array([-0.5])]
-    assert canary_diff(0, engine, learner) == pytest.approx(0.25)
+    np.testing.assert_allclose(canary_diff(0, engine, learner), [0.0, -0.25, 0.0])
     for bad in (np.nan, np.inf, -np.inf):  # max(0, nan) is 0 and nan > tol is False: it would pass as "no diff"
         broken = [engine[0], engine[1], np.array([bad])]
         with pytest.raises(SyncError, match="canary: sequence 2: a non-finite logprob"):
@@ -94,7 +96,7 @@ def _stats(frac, worst=0.5, mean=0.01, tokens=1000.0, nonfinite=0.0, **engines):
     key = "rollout/engine_learner_logprob"
     return {f"{key}_frac_over_tol": frac, f"{key}_max_abs_diff": worst, f"{key}_mean_abs_diff": mean,
             f"{key}_tokens_checked": tokens, f"{key}_nonfinite": nonfinite,
-            **{f"{key}_{e}_frac_over_tol": v for e, v in engines.items()}}
+            **{f"{key}_{e}": v for e, v in engines.items()}}
 
 
 def test_on_policy_check_enforces_tolerance_and_fraction(caplog):
@@ -128,12 +130,37 @@ def test_a_non_finite_logprob_fails_whatever_the_action():
 
 
 def test_a_failed_on_policy_check_names_the_engines_whose_rows_fail():
-    with pytest.raises(OnPolicyError, match=r"failed on engine 1 \(40.00% over\), engine 3 \(2.00% over\): "):
-        check_on_policy(_stats(0.1, engine0=0.0, engine1=0.4, engine2=0.01, engine3=0.02),
+    with pytest.raises(OnPolicyError, match=r"failed on engine 1 \(40.00% over, KL 0\), engine 3 \(2.00% over, "):
+        check_on_policy(_stats(0.1, engine0_frac_over_tol=0.0, engine1_frac_over_tol=0.4,
+                               engine2_frac_over_tol=0.01, engine3_frac_over_tol=0.02),
                         SyncConfig(on_policy_max_frac=0.015), 7)
+
+
+def test_the_mismatch_kl_stops_what_the_fraction_lets_through():
+    """bf16-style settings allow a fraction of tokens over tolerance; a mismatch KL beyond sync.max_mismatch_kl
+    (here engine 1's) still fails, naming the engine. Off (0) by default."""
+    key = "rollout/engine_learner_logprob"
+    stats = {**_stats(0.01, engine0_frac_over_tol=0.01, engine1_frac_over_tol=0.01, engine0_k3_kl=1e-4,
+                      engine1_k3_kl=5e-2), f"{key}_k3_kl": 2.5e-2}
+    assert check_on_policy(stats, SyncConfig(on_policy_max_frac=0.05), 3) == "passed"
+    with pytest.raises(OnPolicyError, match=r"failed on engine 1 \(1.00% over, KL 0.05\): .* mismatch KL 0.025"):
+        check_on_policy(stats, SyncConfig(on_policy_max_frac=0.05, max_mismatch_kl=1e-2), 3)
 
 
 def test_canary_schedule():
     assert [v for v in range(1, 25) if canary_due(v, 10)] == [1, 11, 21]
     assert all(canary_due(v, 1) for v in range(1, 5))
     assert not any(canary_due(v, 0) for v in range(1, 5))
+
+
+def test_canary_judges_the_whole_set_of_tokens_not_the_worst_one():
+    """1 of 8 canary tokens differs by 0.3. fp32 settings (no fraction allowed) stop the run naming the engine;
+    bf16-style settings (a fraction allowed) pass it, and a mismatch KL above sync.max_mismatch_kl stops it again."""
+    log_r = canary_diff(1, [np.array([-1.0, -1.0, -1.3, -1.0]), np.full(4, -2.0)], [np.full(4, -1.0), np.full(4, -2.0)])
+    with pytest.raises(SyncError, match=r"canary: engine 1 .* 0.3 at most: 12.50% of 8 tokens over"):
+        canary_verdict(1, log_r, SyncConfig())
+    st = canary_verdict(1, log_r, SyncConfig(canary_tolerance=0.1, canary_max_frac=0.2))
+    assert st["sync/logprob_max_abs_diff"] == pytest.approx(0.3) and st["sync/canary_frac_over_tol"] == 0.125
+    assert st["sync/canary_k3_kl"] == pytest.approx((math.exp(0.3) - 1 - 0.3) / 8)
+    with pytest.raises(SyncError, match=r"engine 1 .* mismatch KL 0.0062"):
+        canary_verdict(1, log_r, SyncConfig(canary_tolerance=0.1, canary_max_frac=0.2, max_mismatch_kl=1e-3))

@@ -121,7 +121,7 @@ def test_transient_failures_of_a_remote_server_are_retried_then_scored(tokenizer
     server = FlakyServer(first)
     try:
         batch, texts = rollout(tokenizer, RESPONSES)
-        rewards, _, failed = remote(server.url, tiny_model_path).score_batch(batch, None)
+        rewards, _, failed, _ = remote(server.url, tiny_model_path).score_batch(batch, None)
         np.testing.assert_array_equal(rewards, [float(len(t)) for t in texts])
         assert failed == {}
         assert len(server.calls) == len(first) + 1  # each failure once, then the answer
@@ -133,7 +133,7 @@ def test_a_remote_attempt_that_times_out_is_retried(tokenizer, tiny_model_path):
     server = FlakyServer(["stall"], stall_s=5.0)
     try:
         batch, texts = rollout(tokenizer, RESPONSES)
-        rewards, _, failed = remote(server.url, tiny_model_path, attempt_timeout_s=0.5).score_batch(batch, None)
+        rewards, _, failed, _ = remote(server.url, tiny_model_path, attempt_timeout_s=0.5).score_batch(batch, None)
         np.testing.assert_array_equal(rewards, [float(len(t)) for t in texts])
         assert failed == {} and len(server.calls) >= 2
     finally:
@@ -164,7 +164,7 @@ def test_a_refused_connection_is_retried_until_the_server_is_up(tokenizer, tiny_
         starter = threading.Thread(target=start_when_refused, daemon=True)
         starter.start()
         batch, texts = rollout(tokenizer, RESPONSES)
-        rewards, _, failed = remote(f"http://127.0.0.1:{port}", tiny_model_path).score_batch(batch, None)
+        rewards, _, failed, _ = remote(f"http://127.0.0.1:{port}", tiny_model_path).score_batch(batch, None)
         np.testing.assert_array_equal(rewards, [float(len(t)) for t in texts])
         assert refused.is_set() and failed == {} and len(servers[0].calls) == 1
     finally:
@@ -190,7 +190,7 @@ def test_a_remote_server_that_keeps_failing_is_an_error_naming_the_samples(token
         assert len(server.calls) >= 2 and all(len(c) == 3 for c in server.calls)  # retried, never split
 
         # drop: every row failed, so nothing is left to train on, and that is an error too (never a 0)
-        rewards, _, failed = remote(server.url, tiny_model_path, timeout_s=1.0, on_failure="drop").score_batch(
+        rewards, _, failed, _ = remote(server.url, tiny_model_path, timeout_s=1.0, on_failure="drop").score_batch(
             batch, None)
         assert sorted(failed) == [0, 1, 2] and np.isnan(rewards).all()
         assert failed[1].startswith("reward of row 1 (prompt_id 10, sample 1) failed: reward server ")
@@ -215,7 +215,7 @@ def test_a_sample_the_server_always_fails_on_is_named_or_dropped_alone(tokenizer
 
         server.calls.clear()
         w = remote(server.url, tiny_model_path, on_failure="drop", normalize=True)
-        rewards, state, failed = w.score_batch(batch, None)
+        rewards, state, failed, _ = w.score_batch(batch, None)
         assert [len(c) for c in server.calls] == [4, 1, 1, 1, 1]  # each once: a 500 is not retried
         assert list(failed) == [2] and "row 2 (prompt_id 11, sample 0)" in failed[2] and np.isnan(rewards[2])
         raw = np.array([len(texts[i]) for i in (0, 1, 3)], dtype=np.float64)
@@ -261,7 +261,7 @@ def function_worker(tiny_model_path, name, **kw):
 def test_a_user_function_that_fails_transiently_is_retried(tokenizer, tiny_model_path):
     CALLS.clear()
     batch, texts = rollout(tokenizer, RESPONSES)
-    rewards, _, failed = function_worker(tiny_model_path, "flaky").score_batch(batch, None)
+    rewards, _, failed, _ = function_worker(tiny_model_path, "flaky").score_batch(batch, None)
     np.testing.assert_array_equal(rewards, [float(len(t)) for t in texts])
     assert failed == {} and CALLS["flaky"] == len(RESPONSES) + 2
 
@@ -275,7 +275,7 @@ def test_a_bug_in_a_user_function_is_not_retried_and_names_the_sample(tokenizer,
                                      "test_reward_failures:buggy raised TypeError: ")
     assert CALLS[texts[1]] == 1  # not retried: the same input gives the same bug
 
-    rewards, _, failed = function_worker(tiny_model_path, "buggy", on_failure="drop").score_batch(batch, None)
+    rewards, _, failed, _ = function_worker(tiny_model_path, "buggy", on_failure="drop").score_batch(batch, None)
     assert list(failed) == [1] and "raised TypeError" in failed[1] and CALLS[texts[1]] == 2
     np.testing.assert_array_equal(rewards[[0, 2]], [len(texts[0]), len(texts[2])])
 
@@ -318,7 +318,7 @@ def test_a_rule_failure_names_the_sample_and_drop_leaves_it_out(tokenizer, tiny_
     with pytest.raises(RewardFailure, match=r"^reward of row 1 \(prompt_id 10, sample 1\) failed: reward.kind=gsm8k "
                                             r"raised ValueError: GSM8K reference 'eight' is not a number"):
         RewardWorker(RewardConfig(kind="gsm8k"), tiny_model_path).score_batch(batch, None)
-    rewards, _, failed = RewardWorker(RewardConfig(kind="gsm8k", on_failure="drop"), tiny_model_path).score_batch(
+    rewards, _, failed, _ = RewardWorker(RewardConfig(kind="gsm8k", on_failure="drop"), tiny_model_path).score_batch(
         batch, None)
     assert list(failed) == [1]
     np.testing.assert_array_equal(rewards[[0, 2]], [1.0, 1.0])

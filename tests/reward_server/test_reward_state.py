@@ -41,8 +41,8 @@ def test_score_batch_chained_equals_the_stateful_path_and_keeps_nothing(tiny_mod
     expected = [stateful.score(b) for b in batches]
 
     stateless = RewardWorker(NORM, tiny_model_path)
-    r0, s0, f0 = stateless.score_batch(batches[0], None)
-    r1, s1, f1 = stateless.score_batch(batches[1], s0)
+    r0, s0, f0, _ = stateless.score_batch(batches[0], None)
+    r1, s1, f1, _ = stateless.score_batch(batches[1], s0)
     np.testing.assert_array_equal(r0, expected[0])
     np.testing.assert_array_equal(r1, expected[1])
     assert stateless.moments.count == 0  # the actor kept nothing: the caller owns the moments
@@ -50,16 +50,25 @@ def test_score_batch_chained_equals_the_stateful_path_and_keeps_nothing(tiny_mod
 
     # A fresh actor (a restart, or a resumed run) given the state as a checkpoint stores it continues identically.
     restored = json.loads(json.dumps(s1))
-    r2, s2, _ = RewardWorker(NORM, tiny_model_path).score_batch(batches[2], restored)
+    r2, s2, _, _ = RewardWorker(NORM, tiny_model_path).score_batch(batches[2], restored)
     np.testing.assert_array_equal(r2, expected[2])
     assert s2 == stateful.moments.state()
     assert not np.allclose(r2, RewardWorker(NORM, tiny_model_path).score_batch(batches[2], None)[0])  # state matters
 
 
+def test_score_batch_returns_the_raw_reward_beside_the_normalised_one(tiny_model_path, batches):
+    """reward/mean of a normalised run is ~0 by construction; the raw reward (before normalisation and clipping)
+    is what curves and summaries show: GSM8K match 1 + format bonus 0.5 on '#### 7', 1 + 0.25 on a bare '7' on the
+    last line, 0 on 'nothing'."""
+    rewards, _, _, raw = RewardWorker(NORM, tiny_model_path).score_batch(batches[0], None)
+    np.testing.assert_allclose(raw, [1.5, 1.25, 0.0])
+    assert abs(float(rewards.mean())) < 1e-6 and not np.allclose(rewards, raw)
+
+
 def test_score_batch_without_normalisation_equals_score(tiny_model_path, batches):
     cfg = RewardConfig(kind="gsm8k", format_bonus=0.5, clip=1.0)
     w = RewardWorker(cfg, tiny_model_path)
-    rewards, state, _ = w.score_batch(batches[1], None)
+    rewards, state, _, _ = w.score_batch(batches[1], None)
     np.testing.assert_array_equal(rewards, w.score(batches[1]))
     assert state == {"count": 0, "mean": 0.0, "m2": 0.0}
 
