@@ -61,21 +61,86 @@ def pad_batch(table: pa.Table, pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
+LOGPROB_CHUNK_ELEMENTS = 1 << 24
+"""Logits upcast to fp32 at a time by the functions below (64 MiB): rows of [.., V] are taken this many elements'
+worth at a time (at least one row), so a full-vocabulary fp32 copy of a micro-batch's logits never exists."""
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, LOGPROB_CHUNK_ELEMENTS // max(vocab, 1))
+
+
+class _VocabStats(torch.autograd.Function):
+    """log p(ids) and the entropy from logits [N, V], a chunk of rows at a time in fp32.
+
+    log p(t) = logit[t] - logsumexp(logits). Forward keeps only [N] vectors (logsumexp, entropy) besides the logits
+    themselves, which autograd saves in their own dtype (bf16: half of one fp32 copy); backward recomputes the
+    softmax chunk by chunk: d log p(t) / d logits = onehot(t) - p, d H / d logits = -p (log p + H)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, ids: torch.Tensor, with_logp: bool,
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        n = logits.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        ent = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        step = _rows_per_chunk(logits.shape[-1])
+        for s in range(0, n, step):
+            lse[s: s + step] = torch.logsumexp(logits[s: s + step].float(), dim=-1)
+            if with_entropy:
+                logp = logits[s: s + step] - lse[s: s + step, None]  # fp32 by type promotion: one pass
+                ent[s: s + step] = -(logp.exp().mul_(logp)).sum(-1)
+        lp = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        if with_logp:
+            lp = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float() - lse
+        ctx.save_for_backward(logits, ids, lse, ent)
+        ctx.flags = (with_logp, with_entropy)
+        return lp, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_lp: torch.Tensor, grad_ent: torch.Tensor) -> tuple[Any, ...]:
+        logits, ids, lse, ent = ctx.saved_tensors
+        with_logp, with_entropy = ctx.flags
+        grad = torch.empty_like(logits)
+        step = _rows_per_chunk(logits.shape[-1])
+        for s in range(0, logits.shape[0], step):
+            e = s + step
+            logp = logits[s:e] - lse[s:e, None]  # fp32 (type promotion), a new tensor: modified in place below
+            p = logp.exp()
+            # d/dlogits (g_lp log p(t) + g_ent H) = -p (g_lp + g_ent (log p + H)) + g_lp onehot(t)
+            coef = logp.add_(ent[s:e, None]).mul_(grad_ent[s:e, None]) if with_entropy else logp.zero_()
+            if with_logp:
+                coef.add_(grad_lp[s:e, None])
+            g = p.mul_(coef).neg_()
+            if with_logp:
+                g.scatter_add_(-1, ids[s:e, None], grad_lp[s:e, None].float())
+            grad[s:e] = g
+        return grad, None, None, None
+
+
+def _vocab_stats(logits: torch.Tensor, ids: torch.Tensor | None, with_logp: bool,
+                 with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat_ids = (ids if ids is not None else torch.zeros(lead, dtype=torch.long, device=logits.device)).reshape(-1)
+    lp, ent = _VocabStats.apply(flat, flat_ids, with_logp, with_entropy)
+    return lp.view(lead), ent.view(lead)
+
+
 def logprobs_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """logits [B, R, V], ids [B, R] -> log p(ids) [B, R]."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    """logits [B, R, V], ids [B, R] -> log p(ids) [B, R] in fp32, a chunk of rows at a time (no full-vocabulary fp32
+    log-softmax: LOGPROB_CHUNK_ELEMENTS); differentiable."""
+    return _vocab_stats(logits, ids, True, False)[0]
 
 
 def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, R, V], ids [B, R] -> (log p(ids) [B, R], entropy [B, R]) from one log-softmax."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+    """logits [B, R, V], ids [B, R] -> (log p(ids) [B, R], entropy [B, R]) in fp32, from one chunked pass."""
+    return _vocab_stats(logits, ids, True, True)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """logits [B, R, V] -> entropy [B, R]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """logits [B, R, V] -> entropy [B, R] in fp32, a chunk of rows at a time; differentiable."""
+    return _vocab_stats(logits, None, False, True)[1]
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:

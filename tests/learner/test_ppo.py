@@ -117,3 +117,68 @@ def test_pad_batch_aligns_responses_with_predicting_positions():
     # The gather really selects the predicting positions.
     positions = torch.arange(5).expand(2, 5)
     assert positions.gather(1, d["resp_index"]).tolist() == [[2, 3, 4], [0, 1, 2]]
+
+
+def _full_log_softmax(logits, ids):
+    """The function before vocabulary chunking: one fp32 log-softmax over every row at once."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_logprobs_and_entropy_equal_the_full_log_softmax(dtype, monkeypatch):
+    monkeypatch.setattr(ppo, "LOGPROB_CHUNK_ELEMENTS", 3 * 1000)  # 3 rows of 28 per chunk, the last one short
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 7, 1000, generator=g) * 3).to(dtype)
+    ids = torch.randint(0, 1000, (4, 7), generator=g)
+    w_lp, w_ent = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    # bf16: gradients may differ by one bf16 rounding (the full version rounds each term's gradient to bf16 before
+    # adding them, the chunked one adds in fp32 and rounds once)
+    grad_tol = dict(rtol=2**-7, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    for fn in ("logprobs_from_logits", "entropy_from_logits", "logprobs_and_entropy"):
+        a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        lp_ref, ent_ref = _full_log_softmax(b, ids)
+        if fn == "logprobs_from_logits":
+            lp, ent = ppo.logprobs_from_logits(a, ids), None
+        elif fn == "entropy_from_logits":
+            lp, ent = None, ppo.entropy_from_logits(a)
+        else:
+            lp, ent = ppo.logprobs_and_entropy(a, ids)
+        loss, loss_ref = 0.0, 0.0
+        if lp is not None:
+            assert lp.dtype == torch.float32 and lp.shape == (4, 7)
+            torch.testing.assert_close(lp, lp_ref, rtol=0, atol=5e-6)
+            loss, loss_ref = loss + (lp * w_lp).sum(), loss_ref + (lp_ref * w_lp).sum()
+        if ent is not None:
+            torch.testing.assert_close(ent, ent_ref, rtol=0, atol=5e-6)
+            loss, loss_ref = loss + (ent * w_ent).sum(), loss_ref + (ent_ref * w_ent).sum()
+        loss.backward()
+        loss_ref.backward()
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), **grad_tol)
+
+
+def test_logprobs_never_upcast_more_than_one_chunk_of_the_vocabulary(monkeypatch):
+    """Every fp32 tensor made in forward and backward (kept for backward or not) holds at most one chunk of rows x
+    V: the [rows, R, V] fp32 log-softmax of a micro-batch (GBs at a 150k vocabulary) never exists."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestFloat32(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    LargestFloat32.largest = max(LargestFloat32.largest, t.numel())
+            return out
+
+    vocab, rows = 1000, 32
+    monkeypatch.setattr(ppo, "LOGPROB_CHUNK_ELEMENTS", 4 * vocab)
+    logits = torch.randn(2, rows // 2, vocab, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, vocab, (2, rows // 2))
+    with LargestFloat32():
+        lp, ent = ppo.logprobs_and_entropy(logits, ids)
+        (lp.sum() + ent.sum()).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    assert LargestFloat32.largest == 4 * vocab, LargestFloat32.largest  # one chunk; the whole would be 32 x vocab
