@@ -110,7 +110,9 @@ def child_vllm(spec: dict[str, Any]) -> list[dict[str, float]]:
     from vllm.inputs import TokensPrompt
 
     kwargs: dict[str, Any] = dict(model=spec["model"], tokenizer=spec["model"], dtype="float32", seed=0,
-                                  max_num_seqs=rcfg["max_num_seqs"], enforce_eager=True, enable_prefix_caching=True)
+                                  enforce_eager=True, enable_prefix_caching=True)
+    if rcfg["max_num_seqs"]:  # 0: vLLM's default, as the actor leaves it (actors.rollout_worker.engine_kwargs)
+        kwargs["max_num_seqs"] = rcfg["max_num_seqs"]
     if rcfg["in_process_engine"]:
         kwargs["distributed_executor_backend"] = "uni"
     llm = LLM(**kwargs)
