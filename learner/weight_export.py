@@ -58,52 +58,93 @@ class WeightPublisher:
 
         return shm_free_bytes(self.shm_dir) if os.path.isdir(self.shm_dir) else 0
 
-    def _gathered(self):
+    def _gathered(self, params: list[Any] | None = None):
+        """ZeRO-3: ``params`` (default: every parameter of the policy) whole on every rank inside the block."""
         import contextlib
 
         import deepspeed
 
         if self.cfg.zero_stage == 3:
-            return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+            params = list(self.module.parameters()) if params is None else params
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
 
-    def export_weights(self, version: int, transport: str, bucket_mb: int, shm_dir: str = "/dev/shm") -> Any:
-        """Pack the policy's HF-named weights into buckets (rank 0); every rank joins the ZeRO-3 gather."""
-        from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets, shm_bucket_path
+    def _gather_units(self) -> list[list[tuple[str, Any]]]:
+        """The policy LM's (HF name, parameter) pairs in named_parameters order, cut into the units ZeRO-3 gathers
+        one at a time: the parameters of one element of a ModuleList together (a decoder layer), every other
+        parameter alone (embeddings, final norm, an untied head). A rank then holds one unit gathered beyond its
+        partition, not the whole model (7B in bf16: 15 GB on every GPU)."""
+        import torch
 
-        with self._gathered():
-            if self.rank != 0:
-                return None
-            t0 = time.perf_counter()
-            named = [(n, p.data) for n, p in self.module.lm.named_parameters()]
-            buckets, buffers = [], []
-            files = []
-            for i, group in enumerate(plan_buckets(named, bucket_mb << 20)):
+        lm = self.module.lm
+        layers = {f"{name}.{i}." for name, m in lm.named_modules() if isinstance(m, torch.nn.ModuleList)
+                  for i in range(len(m))}
+        units: list[list[tuple[str, Any]]] = []
+        last = None
+        for name, p in lm.named_parameters():
+            key = min((prefix for prefix in layers if name.startswith(prefix)), key=len, default=name)  # outermost
+            if key != last or not units:
+                units.append([])
+            units[-1].append((name, p))
+            last = key
+        return units
+
+    def export_weights(self, version: int, transport: str, bucket_mb: int, shm_dir: str = "/dev/shm") -> Any:
+        """Pack the policy's HF-named weights into buckets (rank 0); under ZeRO-3 every rank joins each unit's
+        gather (_gather_units), and rank 0 copies the unit into its place in the buckets before the next."""
+        import torch
+
+        from oirl.weights import (
+            WeightUpdate,
+            bucket_layout,
+            fingerprint,
+            plan_buckets,
+            shm_bucket_path,
+            write_tensor,
+        )
+
+        t0 = time.perf_counter()
+        units = self._gather_units()
+        # Shapes and dtypes only (a ZeRO-3 parameter's own tensor is its partition): the buckets' layout
+        shapes = [(n, torch.empty(getattr(p, "ds_shape", p.shape), dtype=p.dtype, device="meta"))
+                  for unit in units for n, p in unit]
+        layout = [bucket_layout(group) for group in plan_buckets(shapes, bucket_mb << 20)]
+        buffers: list[np.ndarray] = []
+        if self.rank == 0:
+            files: list[str] = []
+            for i, bucket in enumerate(layout):
                 if transport == "shm":
                     path = shm_bucket_path(shm_dir, self.run_id, version, i)
                     files.append(path)
                     self.shm_files[version] = files  # before writing: a failure below still releases it
-                    bucket, buf = pack_bucket(group, lambda n, p=path: self._shm_buffer(p, n))
+                    buffers.append(self._shm_buffer(path, bucket.nbytes))
                     bucket.location = path
                 else:
-                    bucket, buf = pack_bucket(group, lambda n: np.empty(n, dtype=np.uint8))
-                buckets.append(bucket)
-                buffers.append(buf)
-            fp = fingerprint(buckets, buffers)
-            if transport == "shm":
-                for buf in buffers:
-                    if isinstance(buf, np.memmap):
-                        buf.flush()
-            elif transport == "collective":
-                self.collective_buffers = {version: buffers}  # until broadcast_weights sends them
-            else:
-                import ray  # only here: shm and collective need no Ray (benchmarks.gpu_check runs without it)
+                    buffers.append(np.empty(bucket.nbytes, dtype=np.uint8))
+        slots = {m.name: (buffers[i] if buffers else None, m) for i, b in enumerate(layout) for m in b.tensors}
+        for unit in units:
+            with self._gathered([p for _, p in unit]):
+                if self.rank == 0:
+                    for name, p in unit:
+                        buf, meta = slots[name]
+                        write_tensor(buf, meta, p.data)
+        if self.rank != 0:
+            return None
+        fp = fingerprint(layout, buffers)
+        if transport == "shm":
+            for buf in buffers:
+                if isinstance(buf, np.memmap):
+                    buf.flush()
+        elif transport == "collective":
+            self.collective_buffers = {version: buffers}  # until broadcast_weights sends them
+        else:
+            import ray  # only here: shm and collective need no Ray (benchmarks.gpu_check runs without it)
 
-                for bucket, buf in zip(buckets, buffers):
-                    bucket.location = ray.put(buf)
-            update = WeightUpdate(version, transport, buckets, fp, sum(b.nbytes for b in buckets))
-            update.pack_seconds = time.perf_counter() - t0
-            return update
+            for bucket, buf in zip(layout, buffers):
+                bucket.location = ray.put(buf)
+        update = WeightUpdate(version, transport, layout, fp, sum(b.nbytes for b in layout))
+        update.pack_seconds = time.perf_counter() - t0
+        return update
 
     def _shm_buffer(self, path: str, nbytes: int) -> np.ndarray:
         """A writable mapping of ``path`` of ``nbytes``: a released file of that size in the same directory renamed
@@ -218,17 +259,27 @@ class WeightPublisher:
         value head goes beside it as value_head.pt."""
         import torch
 
-        with self._gathered():
-            if self.rank != 0:
-                return
-            out = Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            state = {n: p.detach().cpu().clone() for n, p in self.module.lm.state_dict().items()}
-            self.module.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
-            if self.module.value_head is not None:
-                torch.save(self.module.value_head.state_dict(), out / "value_head.pt")
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                         "chat_template.jinja", "generation_config.json"):
-                src = Path(self.model_path) / name
-                if src.is_file():
-                    shutil.copy(src, out / name)
+        copies: dict[int, Any] = {}  # id(parameter) -> its whole tensor in host memory (rank 0)
+        for unit in self._gather_units():  # ZeRO-3: one unit gathered at a time, as export_weights does
+            with self._gathered([p for _, p in unit]):
+                if self.rank == 0:
+                    copies.update((id(p), p.detach().cpu().clone()) for _, p in unit)
+        head = None
+        if self.module.value_head is not None:
+            with self._gathered(list(self.module.value_head.parameters())):
+                head = {k: v.detach().cpu().clone() for k, v in self.module.value_head.state_dict().items()}
+        if self.rank != 0:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        # every state_dict entry (a tied head under both names, buffers) from the copies of its parameter
+        state = {n: copies[id(v)] if id(v) in copies else v.detach().cpu().clone()
+                 for n, v in self.module.lm.state_dict(keep_vars=True).items()}
+        self.module.lm.save_pretrained(out, state_dict=state, safe_serialization=True)
+        if head is not None:
+            torch.save(head, out / "value_head.pt")
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "chat_template.jinja", "generation_config.json"):
+            src = Path(self.model_path) / name
+            if src.is_file():
+                shutil.copy(src, out / name)

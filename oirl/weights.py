@@ -85,20 +85,30 @@ def plan_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -
     return [g for g in groups if g]
 
 
-def pack_bucket(group: list[tuple[str, torch.Tensor]], alloc: Callable[[int], np.ndarray]) -> tuple[Bucket, np.ndarray]:
-    """Copy a group of tensors into one buffer from ``alloc(nbytes)`` (a memmap or a plain array)."""
+def bucket_layout(group: list[tuple[str, torch.Tensor]]) -> Bucket:
+    """Where each tensor of a group goes in its bucket (only shapes and dtypes are read: ``meta`` tensors do)."""
     metas, offset = [], 0
     for name, t in group:
         n = t.numel() * t.element_size()
         metas.append(TensorMeta(name, str(t.dtype), tuple(t.shape), offset, n))
         offset += n
-    buf = alloc(offset)
-    view = torch.from_numpy(buf) if buf.flags.writeable else None
-    assert view is not None, "bucket buffer must be writable"
-    for meta, (_, t) in zip(metas, group):
-        src = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        view[meta.offset: meta.offset + meta.nbytes].copy_(src)
-    return Bucket(metas, offset), buf
+    return Bucket(metas, offset)
+
+
+def write_tensor(buf: np.ndarray, meta: TensorMeta, t: torch.Tensor) -> None:
+    """Copy ``t``'s bytes (from any device) into its place ``meta`` in the bucket buffer ``buf``."""
+    assert buf.flags.writeable, "bucket buffer must be writable"
+    view = torch.from_numpy(buf)
+    view[meta.offset: meta.offset + meta.nbytes].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+
+
+def pack_bucket(group: list[tuple[str, torch.Tensor]], alloc: Callable[[int], np.ndarray]) -> tuple[Bucket, np.ndarray]:
+    """Copy a group of tensors into one buffer from ``alloc(nbytes)`` (a memmap or a plain array)."""
+    bucket = bucket_layout(group)
+    buf = alloc(bucket.nbytes)
+    for meta, (_, t) in zip(bucket.tensors, group):
+        write_tensor(buf, meta, t)
+    return bucket, buf
 
 
 def unpack_bucket(bucket: Bucket, buf: np.ndarray | torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
