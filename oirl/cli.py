@@ -64,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     p_plan.add_argument("--config")
     p_plan.add_argument("--check", nargs="*", default=[], help="RayCluster/RayJob manifests to check")
     p_plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p_plan.add_argument("--memory", action="store_true",
+                        help="the bytes each role needs per GPU (oirl/memory_plan.py) for the config's model and "
+                             "1.5B-32B Llama/Qwen shapes, and what to change where it does not fit; exits 1 if a "
+                             "model planned by name (--model, or the config's own) does not fit")
+    p_plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU for --memory (80)")
+    p_plan.add_argument("--model", action="append", default=[], metavar="NAME|FOLDER",
+                        help="with --memory: plan this model instead of the config's and the table (repeatable): "
+                             "a table name (qwen2.5-7b, llama-3.1-8b, ...) or an HF folder / config.json")
     p_sub = sub.add_parser("submit", help="submit `oirl train` as a Ray job to a running cluster")
     p_sub.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
                        help="Ray dashboard/job API address (default: http://127.0.0.1:8265)")
@@ -138,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show-config":
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    if args.command == "plan" and args.memory:
+        return _plan_memory(cfg, args.gpu_memory_gib, args.model, args.json)
     if args.command == "plan":
         return _plan(cfg, args.check, args.json)
     if args.command == "make-preferences":
@@ -330,6 +340,24 @@ def _serve_reward(cfg, host: str, port: int, token_file: str | None, token_arg: 
     finally:
         server.server_close()
     return 0
+
+
+def _plan_memory(cfg, gpu_memory_gib: float, models: list[str], as_json: bool) -> int:
+    from oirl.memory_plan import format_memory_plan, memory_plans
+
+    try:
+        plans, notes = memory_plans(cfg, int(gpu_memory_gib * (1 << 30)), models)
+    except ValueError as e:
+        print(f"oirl: {e}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps({"gpu_memory_gib": gpu_memory_gib, "models": [p.to_dict() for p in plans],
+                          "notes": notes}, indent=2))
+    else:
+        print(format_memory_plan(plans, notes))
+    # Judged: the models asked for by name, or the config's own; the table is for reading
+    judged = plans if models else [p for p in plans if p.source.startswith("the config's model")]
+    return 0 if all(p.fits() for p in judged) else 1
 
 
 def _plan(cfg, manifests: list[str], as_json: bool) -> int:

@@ -28,15 +28,23 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _READY = "oirl_ready"  # marker written last: a folder without it is an interrupted build
 
 
-def resolve_model(cfg: ModelConfig) -> Path:
-    """Return an HF folder for cfg.path, building or converting it into the cache on first use."""
+def model_folder(cfg: ModelConfig) -> Path:
+    """Where cfg.path's HF folder is (or, for 'smollm2-135m' and 'tiny', will be once built), building nothing."""
     cache = Path(os.path.expanduser(cfg.cache_dir))
     if cfg.path == "smollm2-135m":
-        return convert_smollm2(cache / "smollm2-135m-instruct")
+        return cache / "smollm2-135m-instruct"
     if cfg.path == "tiny":
-        name = f"tiny-d32-h{cfg.tiny_hidden_size}-l{cfg.tiny_num_layers}-v{cfg.tiny_vocab_size}"
-        return build_tiny_model(cache / name, cfg.tiny_hidden_size, cfg.tiny_num_layers, cfg.tiny_vocab_size)
-    path = resolve_path(cfg.path)
+        return cache / f"tiny-d32-h{cfg.tiny_hidden_size}-l{cfg.tiny_num_layers}-v{cfg.tiny_vocab_size}"
+    return resolve_path(cfg.path)
+
+
+def resolve_model(cfg: ModelConfig) -> Path:
+    """Return an HF folder for cfg.path, building or converting it into the cache on first use."""
+    if cfg.path == "smollm2-135m":
+        return convert_smollm2(model_folder(cfg))
+    if cfg.path == "tiny":
+        return build_tiny_model(model_folder(cfg), cfg.tiny_hidden_size, cfg.tiny_num_layers, cfg.tiny_vocab_size)
+    path = model_folder(cfg)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model.path={cfg.path!r}: {path} is not an HF model folder (no config.json); use an HF folder, "

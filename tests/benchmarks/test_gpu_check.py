@@ -5,10 +5,15 @@
   tensor; it runs with `import ray` made to fail, and leaves no export file behind;
 - the shapes it builds hold exactly the parameters that transformers instantiates, and a random model folder
   it writes loads back with the tiny model's tokenizer;
-- the 'largest' memory rule picks the biggest shape that fits and says why.
+- the 'largest' memory rule picks the biggest shape that fits and says why;
+- MFU: the peak table matches device names (H100 PCIe is not an H100 SXM, an A10G not an A10);
+- the engine-vs-learner agreement (vLLM importable here): fp32 agrees to rounding, bf16 visibly less, over real
+  sampled tokens; the statistics are the on-policy check's (hand-computed case);
+- the time budget: jobs that would start too late are listed as skipped and the JSON is still written.
 """
 
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -45,6 +50,7 @@ def test_cpu_tiny_run_reports_every_phase(report):
     assert all(v > 0 for v in model["phases"].values()), model["phases"]
     assert set(model["first_iteration"]) == {"prepare", "update", "export"}
     assert model["tokens_per_s"] > 0 and model["export_gbps"] > 0 and model["approx_tflops"] > 0
+    assert model["update_tflops"] > 0 and model["mfu"] is None and model["peak_bf16_tflops"] is None  # CPU
     assert model["peak_memory_bytes"] > 0
     assert model["tokens"]["total"] == model["tokens"]["prompt"] + model["tokens"]["response"] > 0
 
@@ -103,3 +109,51 @@ def test_largest_rule_picks_the_biggest_shape_that_fits():
     with pytest.raises(RuntimeError, match="fits"):
         gpu_check.largest_shape(gib, batch, mbs, fwd)
     assert gpu_check.estimate_peak_bytes(gpu_check.LLAMA_1B, batch, mbs, fwd) < 40 * gib
+
+
+@pytest.mark.parametrize("name, entry", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200"), ("NVIDIA GH200 480GB", "GH200"), ("NVIDIA A100-SXM4-80GB", "A100"),
+    ("NVIDIA L40S", "L40S"), ("NVIDIA L40", "L40"), ("NVIDIA L4", "L4"), ("NVIDIA A10G", "A10G"),
+    ("NVIDIA A10", "A10"), ("Tesla T4", None), ("cpu", None)])
+def test_peak_table_matches_device_names(name, entry):
+    found = gpu_check.peak_bf16_tflops(name)
+    assert (found[0] if found else None) == entry
+    if entry == "H100 SXM":
+        assert found[1] == 989.0 and gpu_check.peak_bf16_tflops("NVIDIA A10G")[1] < gpu_check.peak_bf16_tflops(
+            "NVIDIA A10")[1]
+
+
+def test_agreement_statistics_hand_computed():
+    import math
+
+    stats = gpu_check.agreement_stats([[-1.0, -2.0], [-0.5]], [[-1.05, -2.3], [-0.5]])
+    log_r = [-0.05, -0.3, 0.0]
+    assert stats["tokens"] == 3
+    assert stats["frac_over"]["0.1"] == pytest.approx(1 / 3) and stats["frac_over"]["0.01"] == pytest.approx(2 / 3)
+    assert stats["max_abs_diff"] == pytest.approx(0.3)
+    assert stats["mismatch_k3_kl"] == pytest.approx(sum(math.exp(x) - 1 - x for x in log_r) / 3)
+    assert stats["mismatch_ppl_ratio"] == pytest.approx(math.exp(0.35 / 3))
+
+
+def test_engine_and_learner_agreement_fp32_vs_bf16(report):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not importable here: gpu_check skips the agreement (see report['skipped'])")
+    runs = {r["name"]: r for r in report["agreement"]}
+    assert set(runs) == {"agreement-float32", "agreement-bfloat16"}, report["skipped"]
+    for r in runs.values():
+        assert "error" not in r, r.get("traceback")
+        a = r["agreement"]
+        assert a["tokens"] > 0 and a["mismatch_k3_kl"] >= 0 and r["samples"] > 0
+        fracs = [a["frac_over"][k] for k in ("0.001", "0.01", "0.05", "0.1", "0.2", "0.5")]
+        assert fracs == sorted(fracs, reverse=True) and all(0 <= f <= 1 for f in fracs)
+    fp32, bf16 = runs["agreement-float32"]["agreement"], runs["agreement-bfloat16"]["agreement"]
+    assert fp32["max_abs_diff"] < 1e-3  # the same weights in fp32: kernel rounding only
+    assert bf16["mean_abs_diff"] > 10 * fp32["mean_abs_diff"]  # bf16's noise is measured, not a self-comparison
+
+
+def test_time_budget_skips_what_would_start_too_late(tmp_path):
+    rc = gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--time-budget-s", "1"])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rc == 1 and report["models"] == [] and report["agreement"] == []
+    assert any(s.startswith("tiny:") for s in report["skipped"]), report["skipped"]
