@@ -2,7 +2,7 @@
 
     python -m benchmarks.gsm8k_eval --model DIR|smollm2-135m|tiny --out FILE.json [--n 200] [--max-new-tokens 256]
 
-The held-out questions are the last ``n`` rows of ../shared/data/gsm8k/train.jsonl. A training run reported against
+The held-out questions are the last ``n`` rows of data/gsm8k/train.jsonl (shipped with the repository). A training run reported against
 them sets ``data.max_rows`` to (rows - n) so its sampler can never draw them (``heldout_overrides`` gives the
 override; benchmarks/gsm8k_algorithms.py uses it). Prompts are built exactly as the rollout builds them
 (oirl.data.PromptDataset: the question, the '#### <number>' instruction, the model's chat template), decoded
@@ -27,7 +27,7 @@ from typing import Any
 
 from oirl.metrics import wilson_interval
 
-GSM8K_PATH = "../shared/data/gsm8k/train.jsonl"
+GSM8K_PATH = "data/gsm8k/train.jsonl"
 
 
 def count_rows(path: str = GSM8K_PATH) -> int:
@@ -35,8 +35,8 @@ def count_rows(path: str = GSM8K_PATH) -> int:
 
     resolved = resolve_path(path)
     if not resolved.is_file():
-        raise FileNotFoundError(f"GSM8K not found at {resolved} (expected ../shared/data/gsm8k/train.jsonl next to the "
-                                "repository); held-out evaluation needs it")
+        raise FileNotFoundError(f"GSM8K not found at {resolved} (the repository ships it as "
+                                "data/gsm8k/train.jsonl); held-out evaluation needs it")
     with open(resolved) as f:
         return sum(1 for line in f if line.strip())
 

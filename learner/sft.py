@@ -7,7 +7,7 @@ the tokenizer's chat template), the response is the row's `answer` followed by t
 the token-mean NLL over response tokens only (labels are -100 on prompt and padding positions). The HF folder it
 saves (save_pretrained + tokenizer) is what `oirl train` (model.path) and `oirl train-rm` (--backbone) start from.
 
-    train_sft(SFTConfig(data="../shared/data/gsm8k/train.jsonl", model="smollm2-135m"), out_dir) -> metrics dict
+    train_sft(SFTConfig(data="data/gsm8k/train.jsonl", model="smollm2-135m"), out_dir) -> metrics dict
 
 Public methods of SFTWorker (one ZeRO rank, a Ray actor): master_address, setup, train_epoch, evaluate, save.
 """
@@ -33,7 +33,7 @@ IGNORE = -100  # label of positions that carry no loss (torch cross_entropy's ig
 
 @dataclass(frozen=True)
 class SFTConfig:
-    data: str = "../shared/data/gsm8k/train.jsonl"
+    data: str = "data/gsm8k/train.jsonl"
     """GSM8K-style JSONL: string fields 'question' (the prompt) and 'answer' (the demonstrated response)."""
     model: str = "smollm2-135m"
     """Starting policy: an HF folder, 'smollm2-135m' or 'tiny' (as model.path in `oirl train`)."""

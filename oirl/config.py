@@ -74,8 +74,9 @@ class ModelConfig:
 class DataConfig:
     source: str = "gsm8k"
     """'gsm8k' (JSONL rows with 'question' and 'answer') or 'synthetic' (digit task a tiny model can learn)."""
-    path: str = "../shared/data/gsm8k/train.jsonl"
-    """JSONL file for source=gsm8k; a relative path is taken from the repository root."""
+    path: str = "data/gsm8k/train.jsonl"
+    """Prompt data for source=gsm8k (GSM8K's training split ships with the repository, MIT license); a relative
+    path is taken from the current directory, else from the repository root."""
     prompts_per_iteration: int = field(default=8, metadata=bounds(ge=1))
     """Distinct prompts sampled per PPO iteration."""
     max_prompt_tokens: int = field(default=256, metadata=bounds(ge=1))
@@ -332,8 +333,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _check(d.source in ("gsm8k", "synthetic"), f"data.source={d.source!r} must be 'gsm8k' or 'synthetic'")
     if d.source == "gsm8k" and check_paths:
         _check(resolve_path(d.path).is_file(),
-               f"data.path={d.path!r} not found (looked in {resolve_path(d.path)}); GSM8K lives in "
-               "../shared/data/gsm8k/train.jsonl beside the repository, or set data.source=synthetic")
+               f"data.path={d.path!r} not found (looked in {resolve_path(d.path)}); the repository "
+               "ships GSM8K as data/gsm8k/train.jsonl; point data.path at a file, or set data.source=synthetic")
     if d.prompt_selector:
         _check(d.source == "gsm8k", f"data.prompt_selector picks a prompt for each GSM8K question, but data.source="
                                     f"{d.source!r}; set data.source=gsm8k or data.prompt_selector=''")

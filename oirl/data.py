@@ -37,8 +37,8 @@ def read_gsm8k(path_str: str, max_rows: int = 0) -> list[tuple[str, str]]:
     path = resolve_path(path_str)
     if not path.is_file():
         raise DatasetError(
-            f"data.path={path_str!r}: {path} not found. GSM8K is expected at ../shared/data/gsm8k/train.jsonl "
-            "beside the repository; point data.path at a JSONL file or use data.source=synthetic"
+            f"data.path={path_str!r}: {path} not found. the repository ships GSM8K as data/gsm8k/train.jsonl; "
+            "point data.path at a JSONL file or use data.source=synthetic"
         )
     rows = []
     with path.open() as f:

@@ -6,7 +6,7 @@ fields -> open object, every other object closed with ``additionalProperties: fa
 pruning plus kubectl's strict field validation enforce). Each pod template is also checked as a Kubernetes
 PodTemplateSpec, using the PodTemplateSpec schema embedded in the CRD.
 
-    schema = crd_json_schema(REPO/../shared/data/kuberay-crds/ray.io_rayclusters.yaml)
+    schema = crd_json_schema(REPO/deploy/kuberay/crds/ray.io_rayclusters.yaml)
     errors = validate(manifest, schema)
 
 A manifest file holds the RayCluster or RayJob and the PersistentVolumeClaims it defines (``load_documents``); a
@@ -24,7 +24,7 @@ import yaml
 
 from oirl.config import REPO_ROOT
 
-CRD_DIR = REPO_ROOT.parent / "shared" / "data" / "kuberay-crds"
+CRD_DIR = REPO_ROOT / "deploy" / "kuberay" / "crds"  # KubeRay v1.7.0, Apache-2.0 (LICENSE beside them)
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 
 
@@ -71,8 +71,8 @@ def crd_json_schema(crd_path: Path, version: str = "v1") -> dict[str, Any]:
 def _crd_json_schema(crd_path: Path, version: str) -> dict[str, Any]:
     if not crd_path.is_file():
         raise FileNotFoundError(
-            f"KubeRay CRD {crd_path} not found; the v1.7.0 CRDs are expected in ../shared/data/kuberay-crds "
-            "beside the repository"
+            f"KubeRay CRD {crd_path} not found; the repository ships the v1.7.0 CRDs in "
+            "deploy/kuberay/crds/"
         )
     crd = yaml.load(crd_path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     for v in crd["spec"]["versions"]:

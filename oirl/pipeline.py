@@ -109,8 +109,8 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
           f"data.source={ppo.data.source!r}: the SFT stage clones demonstrations (GSM8K rows with 'question' and "
           "'answer'); set data.source=gsm8k")
     check(resolve_path(ppo.data.path).is_file(),
-          f"data.path={ppo.data.path!r} not found (looked in {resolve_path(ppo.data.path)}); GSM8K is expected at "
-          "../shared/data/gsm8k/train.jsonl beside the repository")
+          f"data.path={ppo.data.path!r} not found (looked in {resolve_path(ppo.data.path)}); the repository ships "
+          "GSM8K as data/gsm8k/train.jsonl")
     # PPO's reward.model_path is the RM the pipeline trains; a placeholder lets validate() check the rest now.
     validate(dataclasses.replace(ppo, reward=dataclasses.replace(ppo.reward, model_path="<out>/rm")), False)
     validate_sft(cfg.sft, "sft.")

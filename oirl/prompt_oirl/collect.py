@@ -158,7 +158,7 @@ class CollectConfig:
     """model.path of the LLM whose prompts are chosen: 'smollm2-135m', 'tiny' or an HF folder."""
     dtype: str = "float32"
     """Engine dtype (float32 on CPU)."""
-    gsm8k_path: str = "../shared/data/gsm8k/train.jsonl"
+    gsm8k_path: str = "data/gsm8k/train.jsonl"
     """GSM8K-format JSONL; a relative path is taken from the repository root."""
     gsm8k_queries: int = 100
     """First N rows of gsm8k_path (0 = none)."""

@@ -13,9 +13,6 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks import gsm8k_eval  # noqa: E402
 
-needs_gsm8k = pytest.mark.skipif(not (REPO_ROOT.parent / "shared/data/gsm8k/train.jsonl").is_file(),
-                                 reason="GSM8K absent: expected at ../shared/data/gsm8k/train.jsonl")
-
 
 def test_wilson_interval_matches_its_closed_forms():
     z = 1.959964
@@ -36,7 +33,6 @@ def test_rates_are_recomputed_from_the_records():
     assert result["accuracy_ci95"] == pytest.approx(gsm8k_eval.wilson_interval(2, 4))
 
 
-@needs_gsm8k
 def test_training_with_the_heldout_overrides_never_sees_the_heldout_questions(tiny_model_path):
     from transformers import AutoTokenizer
 
@@ -53,7 +49,6 @@ def test_training_with_the_heldout_overrides_never_sees_the_heldout_questions(ti
     assert not any(tuple(ids) in seen for ids in heldout)
 
 
-@needs_gsm8k
 @pytest.mark.slow
 def test_evaluate_runs_vllm_greedily_and_its_rates_match_its_records(tiny_model_path):
     result = gsm8k_eval.evaluate(tiny_model_path, n=4, max_new_tokens=8)

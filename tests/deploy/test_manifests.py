@@ -38,7 +38,7 @@ def load(path):
 @pytest.fixture(autouse=True)
 def _crds_present():
     if not (CRD_DIR / "ray.io_rayclusters.yaml").is_file():
-        pytest.fail(f"KubeRay CRDs missing: expected them in {CRD_DIR} (../shared/data/kuberay-crds)")
+        pytest.fail(f"KubeRay CRDs missing: expected them in {CRD_DIR} (shipped with the repository)")
 
 
 def test_yamllint_passes_on_manifests_and_configs():
@@ -113,7 +113,7 @@ def test_crd_conversion_keeps_kubernetes_semantics():
 
 
 def test_missing_crd_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="kuberay-crds"):
+    with pytest.raises(FileNotFoundError, match="deploy/kuberay/crds"):
         crd_json_schema(tmp_path / "ray.io_rayclusters.yaml")
 
 

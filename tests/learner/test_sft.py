@@ -18,7 +18,7 @@ from conftest import oirl_cmd, requires_loopback
 from learner.sft import IGNORE, SFTConfig, collate, read_demonstrations, response_nll_sum, split_rows
 from oirl.config import REPO_ROOT, DataConfig, ModelConfig, resolve_path
 
-GSM8K = "../shared/data/gsm8k/train.jsonl"
+GSM8K = "data/gsm8k/train.jsonl"
 TRAIN_ARGS = ["max_rows=48", "heldout_fraction=0.25", "epochs=2", "lr=0.003", "batch_size=8", "micro_batch_size=4",
               "max_tokens=768", "max_prompt_tokens=512"]
 

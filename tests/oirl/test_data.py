@@ -10,7 +10,7 @@ from oirl.config import REPO_ROOT, DataConfig, ModelConfig
 from oirl.data import DatasetError, PromptDataset, read_gsm8k
 from oirl.models import resolve_model
 
-GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K = REPO_ROOT / "data" / "gsm8k" / "train.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_malformed_rows_name_the_line(tmp_path, bad, fragment):
 
 
 def test_missing_file_says_where_gsm8k_lives(tmp_path):
-    with pytest.raises(DatasetError, match="../shared/data/gsm8k/train.jsonl"):
+    with pytest.raises(DatasetError, match="data/gsm8k/train.jsonl"):
         read_gsm8k(str(tmp_path / "absent.jsonl"))
 
 
@@ -81,8 +81,6 @@ def test_a_prompt_drawn_twice_in_one_batch_gets_two_seeds(tokenizer):
 
 
 def test_real_gsm8k_file_loads(tokenizer):
-    if not GSM8K.is_file():
-        pytest.fail(f"GSM8K data is missing: expected {GSM8K} (../shared/data/gsm8k/train.jsonl beside the repo)")
     rows = read_gsm8k(str(GSM8K))
     assert len(rows) == 7473
     assert rows[0][1] == "72"  # Natalia's clips

@@ -17,7 +17,7 @@ import pytest
 from conftest import oirl_cmd, requires_loopback
 
 from oirl import pipeline
-from oirl.config import REPO_ROOT, ConfigError, resolve_path
+from oirl.config import REPO_ROOT, ConfigError
 
 SMOKE = REPO_ROOT / "configs" / "pipeline_smoke.yaml"
 
@@ -98,8 +98,6 @@ def run_pipeline_cli(out: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Three invocations on one output folder: fresh, again (all complete), again after deleting PPO's marker."""
-    if not resolve_path("../shared/data/gsm8k/train.jsonl").is_file():
-        pytest.skip("GSM8K train set not found at ../shared/data/gsm8k/train.jsonl")
     out = tmp_path_factory.mktemp("pipeline")
     result = {"out": out}
     run_pipeline_cli(out)
