@@ -28,6 +28,8 @@ class Prompt:
     prompt_id: int
     token_ids: list[int]
     reference: str
+    text: str = ""
+    """The user message the ids were rendered from (multi-turn environments render their own prompt from it)."""
 
 
 def read_gsm8k(path_str: str, max_rows: int = 0) -> list[tuple[str, str]]:
@@ -122,7 +124,7 @@ class PromptDataset:
                 self._order = self._permutation(self.epoch)
             i = int(self._order[self.cursor])
             self.cursor += 1
-            out.append(Prompt(i, self.token_ids[i], self.references[i]))
+            out.append(Prompt(i, self.token_ids[i], self.references[i], self.texts[i]))
         return out
 
     def state(self) -> dict:
