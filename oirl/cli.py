@@ -331,8 +331,9 @@ def _serve_reward(cfg, host: str, port: int, token_file: str | None, token_arg: 
     except ValueError as e:
         print(f"oirl: {e}", file=sys.stderr)
         return 2
-    print(f"oirl: serving rewards on http://{host}:{server.server_address[1]} (POST /score, GET /health, "
-          f"GET /metrics){'; clients must send the bearer token' if token else ''}", flush=True)
+    print(f"oirl: serving rewards on http://{host}:{server.server_address[1]} (POST /score, POST /get_reward "
+          f"for OpenRLHF, GET /health, GET /metrics){'; clients must send the bearer token' if token else ''}",
+          flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

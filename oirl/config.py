@@ -410,6 +410,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            "none; set reward.kind=synthetic_digits (or none with another backend) or data.source=gsm8k")
     _check(not rw.url or rw.url.startswith(("http://", "https://")),
            f"reward.url={rw.url!r} must start with http:// or https://")
+    _check(rw.protocol in ("oirl", "openrlhf"),
+           f"reward.protocol={rw.protocol!r} must be 'oirl' (oirl serve-reward's POST /score) or 'openrlhf' "
+           "(OpenRLHF's remote reward model: POST /get_reward with query, prompts and labels)")
     _check(rw.url_token_env == "" or (rw.url_token_env.isascii() and not rw.url_token_env[0].isdigit() and all(
         c.isupper() or c.isdigit() or c == "_" for c in rw.url_token_env)),
            "reward.url_token_env must be the NAME of an environment variable (upper-case letters, digits and _, "

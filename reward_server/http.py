@@ -2,12 +2,21 @@
 
     POST /score    {"prompts": [...], "responses": [...], "references": [...]?}   -> {"rewards": [...]}
                    or {"prompt_token_ids": [[...]], "response_token_ids": [[...]]} (decoded with the policy tokenizer)
+    POST /get_reward  OpenRLHF's remote reward protocol (its `--reward.remote_url http://HOST:PORT/get_reward`):
+                   {"query": [prompt + response, ...], "prompts": [...], "labels": [...]?}
+                   -> {"rewards": [...], "scores": [...], "extra_logs": {}}
     GET  /health   -> {"status": "ok"}
     GET  /metrics  -> Prometheus text: requests, errors, samples scored, batches, latency, busy refusals
 
 JSON only, never pickle. Every answer is JSON; every malformed request (bad Content-Length, non-UTF-8 or invalid
 JSON, a missing or mistyped field, ragged or out-of-vocabulary token ids, an unparsable GSM8K reference, ...) gets
 a 4xx whose ``{"error": ...}`` names the field and row, and the server keeps serving.
+
+OpenRLHF sends each query as the policy tokenizer decodes prompt + response ids with their special tokens
+(``skip_special_tokens=False``), and the prompt as the chat-templated text. /get_reward cuts the prompt off the front
+of the query (after any special tokens before it, e.g. a BOS), then drops the policy tokenizer's special tokens
+from both parts, as /score's token-id path decodes them (``skip_special_tokens=True``): the same samples get the same
+rewards through either endpoint. A label is the reference (a string; a number or null is taken as its text).
 
 Concurrent requests are batched: a scoring thread takes every queued request (up to ``max_batch_samples``) and
 scores them in one call. Requests stay isolated: when a combined batch fails (a NaN reward, a user function that
@@ -228,14 +237,78 @@ def _parse(body: Any, cfg: ServerConfig, vocab_size: int, needs_reference: bool
     if len(set(counts.values()) | {len(refs)}) > 1:
         raise RequestError(400, ", ".join(f"{c} {k}" for k, c in counts.items()) + ": give one of each per sample")
     if needs_reference:
-        from reward_server.rules import parse_gsm8k_reference
-
-        for i, ref in enumerate(refs):
-            try:
-                parse_gsm8k_reference(ref)
-            except ValueError as e:
-                raise RequestError(400, f"references[{i}]: {e}") from e
+        _check_references(refs, "references")
     return prompts, responses, refs, prompt_ids, response_ids
+
+
+def _check_references(refs: list[str], name: str) -> None:
+    """reward.kind=gsm8k: every reference must hold a number, else 400 naming ``name[i]``."""
+    from reward_server.rules import parse_gsm8k_reference
+
+    for i, ref in enumerate(refs):
+        try:
+            parse_gsm8k_reference(ref)
+        except ValueError as e:
+            raise RequestError(400, f"{name}[{i}]: {e}") from e
+
+
+_OPENRLHF_FIELDS = ("query", "prompts", "labels")
+
+
+def _strip(text: str, specials: list[str]) -> str:
+    for token in specials:
+        text = text.replace(token, "")
+    return text
+
+
+def _parse_openrlhf(body: Any, cfg: ServerConfig, needs_reference: bool, specials: list[str]
+                    ) -> tuple[list[str], list[str], list[str]]:
+    """(prompts, responses, references) of a valid OpenRLHF /get_reward body, else RequestError (4xx).
+
+    ``specials``: the policy tokenizer's special tokens, longest first. Each response is its query after the prompt
+    (special tokens before the prompt, such as a BOS, are passed over); both lose their special tokens."""
+    if not isinstance(body, dict):
+        raise RequestError(400, f"body must be a JSON object, got {type(body).__name__}")
+    unknown = [k for k in body if k not in _OPENRLHF_FIELDS]
+    if unknown:
+        raise RequestError(400, f"unknown field {_short(unknown[0])}; /get_reward (OpenRLHF's protocol) knows: "
+                                f"{', '.join(_OPENRLHF_FIELDS)}")
+    counts = {n: len(body[n]) for n in _OPENRLHF_FIELDS if isinstance(body.get(n), list)}
+    n = max(counts.values(), default=0)
+    if n > cfg.max_samples_per_request:
+        raise RequestError(413, f"{n} samples in one request; the limit is {cfg.max_samples_per_request}: "
+                                "split the request")
+    queries = _strings(body, "query")
+    prompts = _strings(body, "prompts")
+    if "labels" not in body and needs_reference:
+        raise RequestError(400, "missing field 'labels': reward.kind=gsm8k scores each response against its label, "
+                                "the reference answer ('72' or GSM8K answer text ending in '#### 72'); set "
+                                "OpenRLHF's --data.label_key")
+    labels = _list(body, "labels", "one reference answer per sample") if "labels" in body else [""] * n
+    refs = []
+    for i, label in enumerate(labels):
+        if label is None:
+            label = ""
+        elif isinstance(label, (int, float)) and not isinstance(label, bool):
+            label = str(label)
+        elif not isinstance(label, str):
+            raise RequestError(400, f"labels[{i}] must be a string (or a number), got {type(label).__name__}")
+        refs.append(label)
+    if len(set(counts.values()) | {len(refs)}) > 1:
+        raise RequestError(400, ", ".join(f"{c} {k}" for k, c in counts.items()) + ": give one of each per sample")
+    if needs_reference:
+        _check_references(refs, "labels")
+    responses = []
+    for i, (query, prompt) in enumerate(zip(queries, prompts)):
+        start = 0
+        while not query.startswith(prompt, start):
+            lead = next((t for t in specials if query.startswith(t, start)), None)
+            if lead is None:
+                raise RequestError(400, f"query[{i}] does not begin with prompts[{i}] ({_short(prompt)}): each query "
+                                        "is the prompt followed by the response, as OpenRLHF sends them")
+            start += len(lead)
+        responses.append(_strip(query[start + len(prompt):], specials))
+    return [_strip(p, specials) for p in prompts], responses, refs
 
 
 def _reject_constant(name: str) -> None:
@@ -364,6 +437,7 @@ def make_server(worker: Any, cfg: ServerConfig) -> ThreadingHTTPServer:
     metrics = Metrics()
     vocab_size = len(worker.tokenizer)
     needs_reference = getattr(getattr(worker, "cfg", None), "kind", "") == "gsm8k"
+    specials = sorted({t for t in worker.tokenizer.all_special_tokens if t}, key=len, reverse=True)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -406,8 +480,8 @@ def make_server(worker: Any, cfg: ServerConfig) -> ThreadingHTTPServer:
             """Errors found by http.server itself (bad request line, oversized headers, unknown method) as JSON."""
             extra = {}
             if code == HTTPStatus.NOT_IMPLEMENTED:  # a method other than GET/POST
-                code, message = 405, f"method {_short(self.command)} not allowed; use GET /health, GET /metrics " \
-                                     "or POST /score"
+                code, message = 405, f"method {_short(self.command)} not allowed; use GET /health, GET /metrics, " \
+                                     "POST /score or POST /get_reward"
                 extra["Allow"] = "GET, POST"
             if self.request_version == "HTTP/0.9":
                 self.request_version = "HTTP/1.0"
@@ -474,7 +548,8 @@ def make_server(worker: Any, cfg: ServerConfig) -> ThreadingHTTPServer:
                 return self._send(200, {"status": "ok"})
             if path == "/metrics":
                 return self._send(200, metrics.render(scorer), "text/plain; version=0.0.4")
-            self._send(404, {"error": f"no route GET {_short(path)}; use /health, /metrics or POST /score"})
+            self._send(404, {"error": f"no route GET {_short(path)}; use /health, /metrics, POST /score or "
+                                      "POST /get_reward"})
 
         def do_POST(self) -> None:
             t0 = time.perf_counter()
@@ -483,23 +558,30 @@ def make_server(worker: Any, cfg: ServerConfig) -> ThreadingHTTPServer:
                 if not self._authorized():
                     raise RequestError(401, "missing or wrong bearer token")
                 path = urlsplit(self.path).path
-                if path != "/score":
-                    raise RequestError(404, f"no route POST {_short(path)}; use POST /score")
+                if path not in ("/score", "/get_reward"):
+                    raise RequestError(404, f"no route POST {_short(path)}; use POST /score (or POST /get_reward, "
+                                            "OpenRLHF's protocol)")
                 media_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
                 if media_type != "application/json":
                     raise RequestError(415, "send JSON with Content-Type: application/json")
-                prompts, responses, refs, p_ids, r_ids = _parse(_decode_json(data), cfg, vocab_size,
-                                                                needs_reference)
-                if r_ids is not None:
-                    prompts = worker.tokenizer.batch_decode(p_ids, skip_special_tokens=True)
-                    responses = worker.tokenizer.batch_decode(r_ids, skip_special_tokens=True)
+                r_ids = None
+                if path == "/get_reward":
+                    prompts, responses, refs = _parse_openrlhf(_decode_json(data), cfg, needs_reference, specials)
+                else:
+                    prompts, responses, refs, p_ids, r_ids = _parse(_decode_json(data), cfg, vocab_size,
+                                                                    needs_reference)
+                    if r_ids is not None:
+                        prompts = worker.tokenizer.batch_decode(p_ids, skip_special_tokens=True)
+                        responses = worker.tokenizer.batch_decode(r_ids, skip_special_tokens=True)
                 rewards = scorer.submit(_Job(prompts, responses, refs, r_ids), cfg.request_timeout_s) \
                     if responses else []
                 with metrics.lock:
                     metrics.requests += 1
                     metrics.samples += len(rewards)
                     metrics.latency_sum += time.perf_counter() - t0
-                self._send(200, {"rewards": rewards})
+                # OpenRLHF reads 'rewards' for the advantage and 'scores' for its dynamic filtering.
+                self._send(200, {"rewards": rewards} if path == "/score" else
+                           {"rewards": rewards, "scores": rewards, "extra_logs": {}})
             except RequestError as e:
                 with metrics.lock:
                     metrics.errors += 1

@@ -11,7 +11,8 @@ Public methods (its RPC surface; the HTTP front in reward_server/http.py calls t
 Reads the RolloutBatch columns prompt_token_ids, response_token_ids and reference; the driver adds the result as
 the ``reward`` column. Backends, combined as a weighted sum: a rule (GSM8K final-answer match, synthetic digits), a
 user function given by import path, a learned reward model (transformers sequence classification with one scalar
-output), and a remote reward server over HTTP. Then optional running normalisation and clipping.
+output), and a remote reward server over HTTP (`oirl serve-reward`'s /score, or any server that speaks OpenRLHF's
+remote reward protocol: reward.protocol=openrlhf). Then optional running normalisation and clipping.
 
 A failed reward is never a 0 (reward_server/failures.py): a transient failure of a backend (a refused or reset
 connection, a timeout, HTTP 429/502/503/504) is retried with backoff within ``reward.timeout_s``; past that, or on
@@ -39,6 +40,7 @@ import math
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,6 +89,9 @@ class RewardConfig:
     """Truncation length of prompt + response for the reward model."""
     url: str = ""
     """Remote reward server (`oirl serve-reward`), e.g. http://127.0.0.1:8000; its /score is called per batch."""
+    protocol: str = "oirl"
+    """How reward.url is called: 'oirl' (POST /score) or 'openrlhf' (OpenRLHF's remote reward model: POST
+    {query, prompts, labels} to the url as given, /get_reward when it names no path)."""
     url_weight: float = field(default=1.0, metadata=any_value(WEIGHT))
     """Weight of the remote reward."""
     url_token_env: str = "OIRL_REWARD_TOKEN"
@@ -285,11 +290,25 @@ class RewardWorker:
                                deadline, out)
         return out
 
-    def _request(self, prompts: list[str], responses: list[str], references: list[str], timeout: float) -> np.ndarray:
-        """One POST /score; a transient answer raises TransientHTTPError, any other bad one Refused."""
+    def _endpoint(self) -> str:
+        """The URL requests go to: {url}/score, or for protocol=openrlhf the url itself (OpenRLHF's users give the
+        full .../get_reward) or {url}/get_reward when it has no path."""
         url = self.cfg.url
-        body = json.dumps({"prompts": prompts, "responses": responses, "references": references}).encode()
-        req = urllib.request.Request(url.rstrip("/") + "/score", data=body, method="POST",
+        if self.cfg.protocol == "openrlhf":
+            return url if urllib.parse.urlsplit(url).path.strip("/") else url.rstrip("/") + "/get_reward"
+        return url.rstrip("/") + "/score"
+
+    def _request(self, prompts: list[str], responses: list[str], references: list[str], timeout: float,
+                 queries: list[str] | None = None) -> np.ndarray:
+        """One POST to the server; a transient answer raises TransientHTTPError, any other bad one Refused.
+        protocol=openrlhf sends ``queries`` (prompt + response, default: the two texts joined) with the prompts."""
+        url = self.cfg.url
+        if self.cfg.protocol == "openrlhf":
+            queries = queries if queries is not None else [p + r for p, r in zip(prompts, responses)]
+            payload: dict[str, Any] = {"query": queries, "prompts": prompts, "labels": references}
+        else:
+            payload = {"prompts": prompts, "responses": responses, "references": references}
+        req = urllib.request.Request(self._endpoint(), data=json.dumps(payload).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
         if self._url_token:
             req.add_header("Authorization", f"Bearer {self._url_token}")
@@ -309,6 +328,8 @@ class RewardWorker:
         except (ValueError, KeyError, TypeError) as e:
             raise Refused(f"reward server {url} answered without a JSON object holding 'rewards': {raw[:200]!r}",
                           None) from e
+        if isinstance(rewards, (int, float)) and not isinstance(rewards, bool) and len(prompts) == 1:
+            rewards = [rewards]  # an OpenRLHF reward function may answer one query with a bare number
         if not isinstance(rewards, list) or len(rewards) != len(prompts):
             raise Refused(f"reward server {url} returned {len(rewards) if isinstance(rewards, list) else rewards!r:.80} "
                           f"rewards for {len(prompts)} rows", None)
@@ -318,14 +339,17 @@ class RewardWorker:
             raise Refused(f"reward server {url} returned rewards that are not numbers: {rewards!r:.200}", None) from e
 
     def _remote(self, prompts: list[str], responses: list[str], references: list[str], fail: Callable,
-                deadline: float) -> np.ndarray:
+                deadline: float, openrlhf_texts: tuple[list[str], list[str]] | None = None) -> np.ndarray:
+        """``openrlhf_texts``: (prompts, queries) as OpenRLHF sends them, with special tokens (protocol=openrlhf);
+        None: the decoded prompts, and each prompt + response."""
         out = np.full(len(prompts), np.nan)
         what = f"reward server {self.cfg.url}"
+        sent_prompts, queries = openrlhf_texts or (prompts, None)
 
         def request(rows: list[int]) -> np.ndarray:
             return call_with_retries(lambda timeout: self._request(
-                [prompts[i] for i in rows], [responses[i] for i in rows], [references[i] for i in rows], timeout),
-                what, deadline, self.cfg.attempt_timeout_s)
+                [sent_prompts[i] for i in rows], [responses[i] for i in rows], [references[i] for i in rows], timeout,
+                None if queries is None else [queries[i] for i in rows]), what, deadline, self.cfg.attempt_timeout_s)
 
         rows = list(range(len(prompts)))
         try:
@@ -344,10 +368,12 @@ class RewardWorker:
 
     def _combined(self, prompts: list[str], responses: list[str], references: list[str] | None,
                   response_ids: list[list[int]] | None, name: Callable[[int], str] = lambda i: f"sample {i}",
-                  keep_going: bool = False, hint: str = "") -> tuple[np.ndarray, dict[int, str]]:
+                  keep_going: bool = False, hint: str = "",
+                  openrlhf_texts: tuple[list[str], list[str]] | None = None) -> tuple[np.ndarray, dict[int, str]]:
         """Weighted sum of the backends [B] (float64), before normalisation, and the failed rows {row: message}
         (NaN in the sum). keep_going=False raises RewardFailure at the first failure, its message naming the
-        sample(s) by ``name`` and ending in ``hint``; a NaN or inf reward is a failure too."""
+        sample(s) by ``name`` and ending in ``hint``; a NaN or inf reward is a failure too. ``openrlhf_texts``:
+        what reward.protocol=openrlhf sends (see _remote)."""
         references = references if references is not None else [""] * len(responses)
         if not len(prompts) == len(responses) == len(references):
             raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and {len(references)} references: "
@@ -370,7 +396,7 @@ class RewardWorker:
         if self.model is not None:
             total += c.model_weight * self._model(prompts, responses, fail, deadline)
         if c.url and len(responses):
-            total += c.url_weight * self._remote(prompts, responses, references, fail, deadline)
+            total += c.url_weight * self._remote(prompts, responses, references, fail, deadline, openrlhf_texts)
         for i in np.flatnonzero(~np.isfinite(total)):
             if int(i) not in failed:
                 fail([int(i)], f"is {total[i]} (not finite); check the reward backends for response "
@@ -395,7 +421,9 @@ class RewardWorker:
         total, _ = self._combined(prompts, responses, references, response_ids)
         return self._finish(total, self.moments, update_stats)
 
-    def _texts(self, batch: Any) -> tuple[list[str], list[str], list[str], list[list[int]]]:
+    def _texts(self, batch: Any) -> dict[str, Any]:
+        """_combined's text arguments for a RolloutBatch. protocol=openrlhf also gets OpenRLHF's texts: the prompt
+        and prompt + response decoded with their special tokens (chat markers, EOS), as OpenRLHF sends them."""
         response_ids = batch.column("response_token_ids").to_pylist()
         prompt_ids = batch.column("prompt_token_ids").to_pylist()
         responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
@@ -403,7 +431,13 @@ class RewardWorker:
             self.model is not None or self.function is not None or self.cfg.url) else [""] * len(responses)
         references = (batch.column("reference").to_pylist() if "reference" in batch.column_names
                       else [""] * len(responses))
-        return prompts, responses, references, response_ids
+        openrlhf = None
+        if self.cfg.url and self.cfg.protocol == "openrlhf":
+            openrlhf = (self.tokenizer.batch_decode(prompt_ids, skip_special_tokens=False),
+                        self.tokenizer.batch_decode([p + r for p, r in zip(prompt_ids, response_ids)],
+                                                    skip_special_tokens=False))
+        return {"prompts": prompts, "responses": responses, "references": references, "response_ids": response_ids,
+                "openrlhf_texts": openrlhf}
 
     @staticmethod
     def _namer(batch: Any) -> Callable[[int], str]:
@@ -415,7 +449,7 @@ class RewardWorker:
     def score(self, batch: Any) -> np.ndarray:
         """RolloutBatch -> rewards [B]. Token ids are decoded only for scoring; training keeps the engine's ids.
         Normalises with (and updates) the moments kept in this actor. Any failure raises, naming the row."""
-        total, _ = self._combined(*self._texts(batch), name=self._namer(batch))
+        total, _ = self._combined(**self._texts(batch), name=self._namer(batch))
         return self._finish(total, self.moments, update_stats=True)
 
     def score_batch(self, batch: Any, norm_state: dict | None
@@ -428,7 +462,7 @@ class RewardWorker:
         rows are NaN, left out of the moments, and the caller removes them (reward_server.failures.drop_failed)."""
         moments = RunningMoments.from_state(norm_state)
         drop = self.cfg.on_failure == "drop"
-        total, failed = self._combined(*self._texts(batch), name=self._namer(batch), keep_going=drop,
+        total, failed = self._combined(**self._texts(batch), name=self._namer(batch), keep_going=drop,
                                        hint="" if drop else "; with reward.on_failure=drop such samples would "
                                                             "leave the batch instead")
         ok = np.ones(len(total), dtype=bool)
