@@ -34,7 +34,8 @@ IGNORE = -100  # label of positions that carry no loss (torch cross_entropy's ig
 @dataclass(frozen=True)
 class SFTConfig:
     data: str = "data/gsm8k/train.jsonl"
-    """GSM8K-style JSONL: string fields 'question' (the prompt) and 'answer' (the demonstrated response)."""
+    """GSM8K-style rows, 'question' (the prompt) and 'answer' (the demonstrated response), in any format data.path
+    reads (JSONL, Parquet, Arrow, a `datasets` folder, a cached dataset name; oirl.data)."""
     model: str = "smollm2-135m"
     """Starting policy: an HF folder, 'smollm2-135m' or 'tiny' (as model.path in `oirl train`)."""
     dtype: str = "float32"
@@ -101,20 +102,15 @@ def validate_sft(cfg: SFTConfig, prefix: str = "") -> None:
 def read_demonstrations(cfg: SFTConfig, tokenizer: Any) -> tuple[list[tuple[list[int], list[int]]], int]:
     """(prompt ids, response ids) per row and the number of truncated responses. Prompt ids come from the rollouts'
     own PromptDataset, so SFT trains on exactly the states PPO starts from; every row is validated there first."""
-    from oirl.config import DataConfig, resolve_path
-    from oirl.data import PromptDataset
+    from oirl.config import DataConfig
+    from oirl.data import PromptDataset, read_prompts
     from reward_server.preferences import clean_reference
 
     prompts = PromptDataset(DataConfig(source="gsm8k", path=cfg.data, max_rows=cfg.max_rows,
                                        max_prompt_tokens=cfg.max_prompt_tokens,
                                        use_chat_template=cfg.use_chat_template), tokenizer)
-    answers = []
-    with resolve_path(cfg.data).open() as f:  # the same non-blank rows read_gsm8k validated, in order
-        for line in f:
-            if line.strip():
-                answers.append(json.loads(line)["answer"])
-                if len(answers) == len(prompts):
-                    break
+    # The same rows, in order, with each answer's whole text (the demonstration) instead of its final number.
+    answers = [a for _, a in read_prompts(DataConfig(path=cfg.data, max_rows=cfg.max_rows, answer_format="text"))]
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"model {cfg.model!r}: the tokenizer has no eos_token; the response needs an end-of-turn "

@@ -78,10 +78,27 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "gsm8k"
-    """'gsm8k' (JSONL rows with 'question' and 'answer') or 'synthetic' (digit task a tiny model can learn)."""
+    """'gsm8k' (prompts and reference answers from data.path) or 'synthetic' (digit task a tiny model can learn)."""
     path: str = "data/gsm8k/train.jsonl"
-    """Prompt data for source=gsm8k (GSM8K's training split ships with the repository, MIT license); a relative
-    path is taken from the current directory, else from the repository root."""
+    """Prompt data for source=gsm8k: a JSONL, JSON, Parquet or Arrow (IPC file or stream) file, a folder written by
+    Dataset.save_to_disk or DatasetDict.save_to_disk or holding data files, or a dataset name ('openai/gsm8k') the
+    local Hugging Face cache holds (never downloaded). GSM8K's training split ships with the repository (MIT
+    license). A relative path is taken from the current directory, else from the repository root."""
+    split: str = "train"
+    """Split of a DatasetDict folder, a folder of data files or a cached Hugging Face dataset."""
+    subset: str = ""
+    """Configuration of a Hugging Face dataset ('main' for openai/gsm8k); empty = its only one."""
+    prompt_key: str = "question"
+    """Column holding each prompt: a string (data.instruction is appended) or a chat, a list of {role, content}
+    messages, rendered through the chat template up to its last user turn. A dotted key reads a nested field."""
+    answer_key: str = "answer"
+    """Column holding each reference answer; a dotted key reads a nested field ('reward_model.ground_truth'). Empty:
+    a chat's assistant message after its last user turn (none for string prompts)."""
+    answer_format: str = "gsm8k"
+    """'gsm8k': the reference is a number, bare or ending a solution as '#### <number>' (reward.kind=gsm8k needs
+    it); 'text': the answer as it is (a remote reward, a reward function or a reward model)."""
+    instruction: str = "Solve the problem step by step, then give the final answer on its own line as '#### <number>'."
+    """Appended on a new line to every string prompt (empty = none); chat prompts are used as they are."""
     prompts_per_iteration: int = field(default=8, metadata=bounds(ge=1))
     """Distinct prompts sampled per PPO iteration."""
     max_prompt_tokens: int = field(default=256, metadata=bounds(ge=1))
@@ -290,6 +307,14 @@ def apply_algorithm_defaults(cfg: RunConfig, given: set[str]) -> RunConfig:
     return dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, **recipe)) if recipe else cfg
 
 
+def looks_like_dataset_name(p: str) -> bool:
+    """'name' or 'owner/name' without a data file's suffix: data.path may name a dataset in the Hugging Face cache."""
+    import re
+
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", p)) and not re.search(
+        r"\.(jsonl|json|parquet|arrow|feather|ipc)$", p)
+
+
 def resolve_path(p: str) -> Path:
     """A relative data/model path is taken from the current directory, else from the repository root."""
     path = Path(os.path.expanduser(p))
@@ -341,10 +366,13 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            "its first check with nothing wrong; set sync.on_policy_tolerance=0.1 sync.on_policy_max_frac=0.01 "
            "sync.canary_tolerance=0.05 (as configs/gpu.yaml does) or model.dtype=float32")
     _check(d.source in ("gsm8k", "synthetic"), f"data.source={d.source!r} must be 'gsm8k' or 'synthetic'")
-    if d.source == "gsm8k" and check_paths:
-        _check(resolve_path(d.path).is_file(),
+    if d.source == "gsm8k" and check_paths:  # a dataset name is looked up in the Hugging Face cache when read
+        _check(resolve_path(d.path).exists() or looks_like_dataset_name(d.path),
                f"data.path={d.path!r} not found (looked in {resolve_path(d.path)}); the repository "
                "ships GSM8K as data/gsm8k/train.jsonl; point data.path at a file, or set data.source=synthetic")
+    _check(d.answer_format in ("gsm8k", "text"),
+           f"data.answer_format={d.answer_format!r} must be 'gsm8k' (a number per row) or 'text' (as it is)")
+    _check(bool(d.prompt_key.strip()), "data.prompt_key is empty; name the column that holds each prompt")
     if d.prompt_selector:
         _check(d.source == "gsm8k", f"data.prompt_selector picks a prompt for each GSM8K question, but data.source="
                                     f"{d.source!r}; set data.source=gsm8k or data.prompt_selector=''")
@@ -408,6 +436,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     _check(rw.kind != "gsm8k" or d.source == "gsm8k",
            f"reward.kind=gsm8k scores against each prompt's reference answer, but data.source={d.source!r} has "
            "none; set reward.kind=synthetic_digits (or none with another backend) or data.source=gsm8k")
+    _check(rw.kind != "gsm8k" or d.source != "gsm8k" or d.answer_format == "gsm8k",
+           "reward.kind=gsm8k compares each response's final number with the reference, but "
+           "data.answer_format=text keeps answers as text; set data.answer_format=gsm8k")
     _check(not rw.url or rw.url.startswith(("http://", "https://")),
            f"reward.url={rw.url!r} must start with http:// or https://")
     _check(rw.protocol in ("oirl", "openrlhf"),
