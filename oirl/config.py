@@ -114,6 +114,32 @@ class DataConfig:
     generation; empty = the fixed GSM8K instruction."""
 
 
+# logging.backends beside metrics.jsonl: the module each one needs, and the extra that installs it.
+TRACKERS = {"tensorboard": ("tensorboard", ""), "wandb": ("wandb", "oirl[wandb]"), "mlflow": ("mlflow", "oirl[mlflow]")}
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where the driver writes each iteration's metrics (oirl/metrics.py); metrics.jsonl is always written."""
+
+    backends: str = "tensorboard"
+    """Comma-separated trackers: tensorboard, wandb (pip install 'oirl[wandb]'), mlflow (pip install
+    'oirl[mlflow]'); empty = metrics.jsonl alone. Each gets the config as parameters and every metric per iteration."""
+    project: str = "oirl"
+    """W&B project and MLflow experiment the run is logged in."""
+    run_name: str = ""
+    """Name of the run in W&B and MLflow; empty = the name of the --out folder."""
+    wandb_mode: str = "offline"
+    """'offline': W&B writes the run under --out/wandb and nothing leaves the machine (upload it later with `wandb
+    sync`); 'online': streamed to the W&B server (needs `wandb login` or WANDB_API_KEY)."""
+    mlflow_tracking_uri: str = ""
+    """MLflow tracking store; empty = a local SQLite store, --out/mlflow/mlflow.db (open it with `mlflow ui
+    --backend-store-uri sqlite:///<out>/mlflow/mlflow.db`)."""
+
+    def backend_list(self) -> list[str]:
+        return [b.strip() for b in self.backends.split(",") if b.strip()]
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The whole run. Sub-configs come from the role files (actors/, learner/, reward_server/)."""
@@ -138,6 +164,7 @@ class RunConfig:
     learner: Any = None
     reward: Any = None
     sync: Any = None
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         # Role configs live at the top of their role files; import here to keep this module importable alone.
@@ -170,6 +197,7 @@ def _sub_classes() -> dict[str, type]:
         "learner": LearnerConfig,
         "reward": RewardConfig,
         "sync": SyncConfig,
+        "logging": LoggingConfig,
     }
 
 
@@ -348,6 +376,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     # Every numeric field's range is declared beside the field (oirl/bounds.py); the checks below relate fields.
     bad = out_of_range(cfg)
     _check(bad is None, str(bad))
+    _validate_logging(cfg.logging, check_paths)
     _check(cfg.model.dtype != "float16",
            "model.dtype='float16' trains without loss scaling (gradients underflow silently); use "
            "model.dtype=bfloat16 on GPUs (same memory, no scaling needed) or float32 on CPU")
@@ -458,6 +487,29 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
                f"reward.model_path={rw.model_path!r} is not an HF folder (no config.json); {BUILD_REWARD_MODEL}")
 
 
+def _validate_logging(lg: LoggingConfig, check_paths: bool) -> None:
+    """Known, distinct trackers; with check_paths (a run on this machine), each one's package is installed."""
+    import importlib.util
+
+    names = lg.backend_list()
+    unknown = [n for n in names if n not in TRACKERS]
+    _check(not unknown, f"logging.backends={lg.backends!r}: unknown tracker {', '.join(map(repr, unknown))}; give a comma-separated "
+                        f"list of {', '.join(TRACKERS)} (or '' for metrics.jsonl alone)")
+    _check(len(set(names)) == len(names), f"logging.backends={lg.backends!r} names a tracker twice")
+    _check(lg.wandb_mode in ("offline", "online"),
+           f"logging.wandb_mode={lg.wandb_mode!r} must be 'offline' (the run stays under --out/wandb) or 'online'")
+    if not check_paths:
+        return
+    for name in names:
+        module, extra = TRACKERS[name]
+        needed = [module] + (["sqlalchemy", "alembic"] if name == "mlflow" and (
+            not lg.mlflow_tracking_uri or lg.mlflow_tracking_uri.startswith("sqlite:")) else [])
+        missing = [m for m in needed if importlib.util.find_spec(m) is None]
+        _check(not missing, f"logging.backends includes {name}, but the package {missing[0] if missing else ''} is "
+                            f"not installed; install it with `pip install '{extra or module}'` or remove {name} "
+                            "from logging.backends")
+
+
 def fused_old_logprobs_blockers(cfg: RunConfig) -> list[str]:
     """Why update()'s forward cannot serve as the old logprobs (learner.old_logprobs); empty when it can."""
     lr, out = cfg.learner, []
@@ -522,6 +574,11 @@ RESUMABLE = {
     "sync.shm_reuse": "whether /dev/shm files are rewritten or recreated; the same bytes arrive",
     "reward.url_token_env": "where the reward server's token is read from (a cluster's secret), not which server",
     "reward.url_token_file": "where the reward server's token is read from (a cluster's secret), not which server",
+    "logging.backends": "where metrics are written, not what is computed",
+    "logging.project": "where metrics are written, not what is computed",
+    "logging.run_name": "what the trackers call the run",
+    "logging.wandb_mode": "where metrics are written, not what is computed",
+    "logging.mlflow_tracking_uri": "where metrics are written, not what is computed",
 }
 
 

@@ -227,7 +227,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             sync(pool.engines, start, ahead.slice(0, cfg.sync.canary_samples) if r.async_steps and ahead is not None else None)
             logger.info("resumed from %s (%s) at iteration %d", ckpt_dir, committed["tag"], start)
 
-        metrics_log = MetricsLogger(out, start, restored_row)
+        metrics_log = MetricsLogger(out, start, restored_row, cfg.logging, cfg.to_dict())
         if progress:
             from tqdm import tqdm
 

@@ -1,13 +1,30 @@
-"""Run metrics: one JSON object per iteration in metrics.jsonl, the same scalars in TensorBoard, and a PNG of the
-reward / KL / throughput curves at the end."""
+"""Run metrics: one JSON object per iteration in metrics.jsonl, the same scalars in the trackers that
+logging.backends names (TensorBoard, Weights & Biases, MLflow), and a PNG of the reward / KL / throughput curves at
+the end.
+
+Every tracker gets each numeric metric of a row with step = the row's iteration; W&B and MLflow also get the run's
+config (nested for W&B, flattened to 'learner.lr'-style parameters for MLflow). Nothing leaves the machine unless the
+user asks: W&B runs offline under --out/wandb (logging.wandb_mode), MLflow writes a SQLite store under --out/mlflow
+(logging.mlflow_tracking_uri), and MLflow's usage telemetry is off unless MLFLOW_DISABLE_TELEMETRY says otherwise.
+
+--resume continues the same tracker run: W&B's run id and MLflow's are kept in --out (wandb/run_id, mlflow/run_id).
+The iterations a resumed run redoes (logged by the process that died after its last checkpoint) are logged again:
+TensorBoard hides the earlier points (purge_step); MLflow keeps both, the resumed run's with the later timestamp;
+offline W&B writes them into a new offline-run folder of the same run id (when synced, W&B keeps a step's first value).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any
+
+from oirl.config import LoggingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +43,99 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The numeric metrics of a row, without its iteration (the step)."""
+    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"}
+
+
+def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'learner': {'lr': 0.003}} -> {'learner.lr': '0.003'}: the config as MLflow parameters."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, tuple, bool)) or value is None \
+                else str(value)
+    return out
+
+
+def _run_id(path: Path, resume: bool, new_id: str) -> str:
+    """The tracker run id kept in ``path``: reused by a resumed run, else ``new_id`` (written there)."""
+    if resume and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new_id + "\n")
+    return new_id
+
+
+class WandbTracker:
+    """One W&B run per oirl run, offline by default: files under out/wandb, the id in out/wandb/run_id."""
+
+    def __init__(self, out_dir: Path, cfg: LoggingConfig, config: dict[str, Any], resume: bool):
+        if cfg.wandb_mode == "offline":
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # crash reports would go to W&B's servers
+        import wandb
+
+        run_id = _run_id(out_dir / "wandb" / "run_id", resume, uuid.uuid4().hex[:12])
+        self.run = wandb.init(project=cfg.project, name=cfg.run_name or out_dir.resolve().name, id=run_id,
+                              resume="allow", dir=str(out_dir), mode=cfg.wandb_mode, config=config,
+                              settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
+                                                      save_code=False, disable_git=True))
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.run.log(scalars(row), step=int(row["iteration"]))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowTracker:
+    """One MLflow run per oirl run, in a SQLite store under out/mlflow unless logging.mlflow_tracking_uri names one;
+    its id in out/mlflow/run_id."""
+
+    def __init__(self, out_dir: Path, cfg: LoggingConfig, config: dict[str, Any], resume: bool):
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # usage reports would leave the machine
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        local = out_dir.resolve() / "mlflow"
+        local.mkdir(parents=True, exist_ok=True)
+        uri = cfg.mlflow_tracking_uri or f"sqlite:///{local / 'mlflow.db'}"
+        self.client = MlflowClient(tracking_uri=uri)
+        experiment = self.client.get_experiment_by_name(cfg.project)
+        experiment_id = experiment.experiment_id if experiment is not None else self.client.create_experiment(
+            cfg.project, artifact_location=(local / "artifacts").as_uri() if not cfg.mlflow_tracking_uri else None)
+        id_file = local / "run_id"
+        if resume and id_file.is_file():
+            self.run_id = id_file.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+            return  # parameters are set once: MLflow refuses to change one (a resume may change only RESUMABLE)
+        run = self.client.create_run(experiment_id, run_name=cfg.run_name or out_dir.resolve().name)
+        self.run_id = _run_id(id_file, False, run.info.run_id)
+        params = [Param(k, v[:6000]) for k, v in flat_params(config).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
+            self.client.log_batch(self.run_id, params=params[i: i + 100])
+
+    def log(self, row: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now, step = int(time.time() * 1000), int(row["iteration"])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars(row).items()])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+
 class MetricsLogger:
-    def __init__(self, out_dir: Path, start_iteration: int = 0, restored_row: dict[str, Any] | None = None):
+    def __init__(self, out_dir: Path, start_iteration: int = 0, restored_row: dict[str, Any] | None = None,
+                 logging_cfg: LoggingConfig | None = None, config: dict[str, Any] | None = None):
         """A resumed run (start_iteration > 0) rewrites the iterations after its checkpoint: rows before it are
         kept, and ``restored_row`` (the committed checkpoint's copy of row start_iteration - 1) fills in that row
-        when the driver died between committing the checkpoint and logging it."""
+        when the driver died between committing the checkpoint and logging it. ``logging_cfg`` names the trackers
+        (default: TensorBoard alone); ``config``, the run's config as a dict, is given to W&B and MLflow."""
+        logging_cfg = logging_cfg or LoggingConfig()
+        backends = logging_cfg.backend_list()
         self.path = out_dir / "metrics.jsonl"
         kept: list[dict[str, Any]] = []
         if self.path.exists():
@@ -50,23 +155,35 @@ class MetricsLogger:
             tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
             tmp.replace(self.path)
         self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if "tensorboard" in backends:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            # TensorBoard's own resume: points at steps >= purge_step that an earlier process wrote (the rows this
-            # run redoes, and a restored row it may have logged before it died) are hidden, not shown twice.
-            purge = restored_row["iteration"] if missing else start_iteration
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge if start_iteration else None)
-        except ImportError:  # tensorboard is a declared dependency; keep running if a user removed it
-            logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
-        if missing and self.tb is not None:
-            self._tensorboard(restored_row)
+                # TensorBoard's own resume: points at steps >= purge_step that an earlier process wrote (the rows
+                # this run redoes, and a restored row it may have logged before it died) are hidden, not shown twice.
+                purge = restored_row["iteration"] if missing else start_iteration
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge if start_iteration else None)
+            except ImportError:  # tensorboard is a declared dependency; keep running if a user removed it
+                logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+        resume = start_iteration > 0
+        self.trackers: list[WandbTracker | MlflowTracker] = []
+        if "wandb" in backends:
+            self.trackers.append(WandbTracker(out_dir, logging_cfg, config or {}, resume))
+        if "mlflow" in backends:
+            self.trackers.append(MlflowTracker(out_dir, logging_cfg, config or {}, resume))
+        if missing:
+            self._trackers(restored_row)
 
     def log(self, metrics: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(metrics, sort_keys=True) + "\n")
+        self._trackers(metrics)
+
+    def _trackers(self, metrics: dict[str, Any]) -> None:
         if self.tb is not None:
             self._tensorboard(metrics)
+        for tracker in self.trackers:
+            tracker.log(metrics)
 
     def _tensorboard(self, metrics: dict[str, Any]) -> None:
         step = int(metrics["iteration"])
@@ -78,6 +195,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
