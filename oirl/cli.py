@@ -2,7 +2,7 @@
 
     oirl train [--config F] [--out DIR] [--resume] [--address ADDR] [dotted.overrides ...]
     oirl prepare-model [--config F]      # convert/build the model once (cached)
-    oirl show-config [--config F] [overrides ...]
+    oirl show-config [--config F] [--provenance] [overrides ...]
     oirl bench rollout|sync|e2e|scaling|memory|gsm8k [--quick] --out DIR   # benchmarks/, JSON under DIR
     oirl sft --out DIR [--data F] [--model M] [key=value ...]     # behaviour cloning (learner/sft.py)
     oirl pipeline --config F [--out DIR] [overrides ...]          # SFT -> reward model -> PPO (oirl/pipeline.py)
@@ -40,6 +40,17 @@ def _bench(name: str, out: str, quick: bool, rest: list[str]) -> int:
     return subprocess.run(cmd, cwd=REPO_ROOT).returncode
 
 
+def _show_provenance(cfg, path: str, overrides: list[str]) -> None:
+    """`oirl show-config --provenance`: field, value (as JSON), and where the value came from."""
+    from oirl.config import value_sources
+
+    rows = [(key, json.dumps(value), source) for key, (value, source) in value_sources(cfg, path, overrides).items()]
+    key_width, value_width = max(len(r[0]) for r in rows), min(48, max(len(r[1]) for r in rows))
+    print(f"# config file: {path}")
+    for key, value, source in rows:
+        print(f"{key:<{key_width}}  {value:<{value_width}}  {source}")
+
+
 def _config_path(arg: str | None) -> str:
     return arg or str(REPO_ROOT / "configs" / "demo.yaml")
 
@@ -60,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p_model.add_argument("--config")
     p_show = sub.add_parser("show-config", help="print the resolved, validated config")
     p_show.add_argument("--config")
+    p_show.add_argument("--provenance", action="store_true",
+                        help="one field a line, with where its value came from: default, algorithm recipe, config "
+                             "file or command line")
     p_plan = sub.add_parser("plan", help="print the placement plan; --check validates KubeRay manifests against it")
     p_plan.add_argument("--config")
     p_plan.add_argument("--check", nargs="*", default=[], help="RayCluster/RayJob manifests to check")
@@ -106,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--quick", action="store_true", help="a few minutes here (where the benchmark has it)")
     p_sft = sub.add_parser("sft", help="supervised fine-tuning (behaviour cloning) on GSM8K demonstrations")
     p_sft.add_argument("--out", required=True, help="HF folder to write (plus metrics.json)")
-    p_sft.add_argument("--data", help="JSONL with 'question' and 'answer' (default: GSM8K train)")
+    p_sft.add_argument("--data", help="rows with 'question' and 'answer', in any data.path format (default: "
+                                      "GSM8K train, data/gsm8k/train.jsonl)")
     p_sft.add_argument("--model", help="HF folder, 'smollm2-135m' or 'tiny' (default: smollm2-135m)")
     p_pipe = sub.add_parser("pipeline", help="SFT -> reward model -> PPO from one config; complete stages skipped")
     p_pipe.add_argument("--config", default=str(REPO_ROOT / "configs" / "pipeline.yaml"))
@@ -144,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oirl: config error: {e}", file=sys.stderr)
         return 2
     if args.command == "show-config":
-        print(json.dumps(cfg.to_dict(), indent=2))
+        if args.provenance:
+            _show_provenance(cfg, _config_path(args.config), rest)
+        else:
+            print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     if args.command == "plan" and args.memory:
         return _plan_memory(cfg, args.gpu_memory_gib, args.model, args.json)

@@ -185,3 +185,76 @@ def test_an_algorithm_brings_its_recipe_for_the_settings_left_unset():
     assert load_config(smoke, ["learner.algorithm=grpo"]).learner.kl_in_loss
     ppo = load_config(smoke).learner
     assert not ppo.kl_in_loss and not ppo.dynamic_sampling and ppo.clip_ratio_high == 0
+
+
+PROVENANCE_YAML = """\
+model: {path: tiny}
+data: {source: synthetic}
+reward: {kind: synthetic_digits}
+learner:
+  algorithm: gspo
+  clip_ratio: 0.1
+  ppo_epochs: 3
+"""
+PROVENANCE_OVERRIDES = ["learner.lr=0.002", "--rollout.temperature", "0.7", "learner.ppo_epochs=1",
+                        "learner.loss_aggregation=token_mean"]
+
+
+def _expected_provenance():
+    """(value, source) by hand: the file's GSPO keeps the file's clip_ratio; GSPO's recipe (arXiv:2507.18071) fills
+    the learner fields set nowhere else; the command line wins over the file and the recipe."""
+    from actors.rollout_worker import RolloutConfig
+
+    return {
+        "learner.algorithm": ("gspo", "config file"),
+        "learner.clip_ratio": (0.1, "config file"),
+        "model.path": ("tiny", "config file"),
+        "learner.clip_ratio_high": (4e-4, "algorithm recipe (gspo)"),
+        "learner.kl_coef": (0.0, "algorithm recipe (gspo)"),
+        "learner.rollout_correction": ("seq", "algorithm recipe (gspo)"),
+        "learner.lr": (0.002, "command line"),
+        "rollout.temperature": (0.7, "command line"),
+        "learner.ppo_epochs": (1, "command line"),
+        "learner.loss_aggregation": ("token_mean", "command line"),
+        "rollout.top_p": (RolloutConfig().top_p, "default"),
+        "data.path": ("data/gsm8k/train.jsonl", "default"),
+    }
+
+
+def test_value_sources_name_default_recipe_file_and_command_line(tmp_path):
+    from oirl.config import value_sources
+
+    (tmp_path / "p.yaml").write_text(PROVENANCE_YAML)
+    cfg = load_config(tmp_path / "p.yaml", PROVENANCE_OVERRIDES)
+    sources = value_sources(cfg, tmp_path / "p.yaml", PROVENANCE_OVERRIDES)
+    for key, expected in _expected_provenance().items():
+        assert sources[key] == expected, key
+    assert set(sources) == set(_flat_keys(cfg.to_dict()))  # every field, each once
+    assert {s for _, s in sources.values()} == {"default", "config file", "command line", "algorithm recipe (gspo)"}
+
+
+def _flat_keys(tree, prefix=""):
+    for key, value in tree.items():
+        yield from _flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+
+
+def test_show_config_provenance_prints_each_fields_source(tmp_path):
+    import json
+    import re
+    import subprocess
+    import sys
+
+    (tmp_path / "p.yaml").write_text(PROVENANCE_YAML)
+    proc = subprocess.run([sys.executable, "-m", "oirl.cli", "show-config", "--config", str(tmp_path / "p.yaml"),
+                           "--provenance", *PROVENANCE_OVERRIDES], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = re.compile(r"^(\S+)\s+(.*?)\s+(default|config file|command line|algorithm recipe \(\w+\))$")
+    shown = {}
+    for text in proc.stdout.splitlines()[1:]:
+        m = line.match(text)
+        assert m, text
+        shown[m.group(1)] = (json.loads(m.group(2)), m.group(3))
+    assert proc.stdout.splitlines()[0] == f"# config file: {tmp_path / 'p.yaml'}"
+    for key, expected in _expected_provenance().items():
+        assert shown[key] == expected, key
