@@ -26,7 +26,8 @@ import ray
 from actors.rollout_worker import RolloutConfig, RolloutWorker
 from oirl import faults
 from oirl.batch import generate_seconds, with_generate_seconds
-from oirl.remote import ActorDiedError, RemoteError, get_all
+from oirl.logs import role_log
+from oirl.remote import ActorDiedError, RemoteError, get_all, log_of, note_log
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +46,19 @@ class Generation:
 
 class EnginePool:
     def __init__(self, cfg: RolloutConfig, model_path: str, dtype: str, seed: int, run_id: str,
-                 options: dict[str, Any]):
+                 options: dict[str, Any], log_dir: str = ""):
+        """log_dir: engine i's output goes to log_dir/rollout-<i>.log (oirl/logs.py); "" leaves it to Ray."""
         self.cfg, self.model_path, self.dtype, self.seed, self.run_id = cfg, model_path, dtype, seed, run_id
-        self.options = options
+        self.options, self.log_dir = options, log_dir
         self.restarts = 0
         self.engines = [self._spawn(i) for i in range(cfg.num_engines)]
 
     def _spawn(self, i: int) -> Any:
         name = f"oirl-engine-{self.run_id}-{i}" + (f"-r{self.restarts}" if self.restarts else "")
+        log_file = role_log(self.log_dir, f"rollout-{i}")  # a replacement appends to the same file
+        note_log(f"engine {i}", log_file)
         return (ray.remote(RolloutWorker).options(**self.options, name=name)
-                .remote(self.cfg, self.model_path, self.dtype, self.seed, i))
+                .remote(self.cfg, self.model_path, self.dtype, self.seed, i, log_file))
 
     def node_ids(self) -> list[str]:
         return get_all([e.node_id.remote() for e in self.engines], self.cfg.timeout_s, "engine start-up",
@@ -76,7 +80,10 @@ class EnginePool:
 
     def _submit(self, gen: Generation, i: int) -> Any:
         ps, ss = gen.shards[i]
-        return self.engines[i].generate.remote([p.prompt_id for p in ps], [p.token_ids for p in ps], gen.version, ss)
+        rows = ([{"prompt_id": p.prompt_id, "question": p.text, "answer": p.reference} for p in ps]
+                if self.cfg.env else None)
+        return self.engines[i].generate.remote([p.prompt_id for p in ps], [p.token_ids for p in ps], gen.version, ss,
+                                               rows)
 
     def collect(self, gen: Generation, resync: Callable[[Any], int], settle: bool = False) -> pa.Table:
         """Wait for every shard of ``gen``. resync(engine) loads the learner's current version into a replacement
@@ -97,7 +104,8 @@ class EnginePool:
                 if self.restarts >= self.cfg.max_restarts:
                     raise RemoteError(f"engine {i} died during generate of iteration {gen.iteration} and "
                                       f"rollout.max_restarts={self.cfg.max_restarts} replacements are used up; "
-                                      "rerun with --resume to continue from the last checkpoint") from e
+                                      f"rerun with --resume to continue from the last checkpoint{log_of(f'engine {i}')}"
+                                      ) from e
                 self.restarts += 1
                 logger.warning("engine %d died during generate of iteration %d (%s); replacing it (%d/%d)", i,
                                gen.iteration, type(e.__cause__).__name__, self.restarts, self.cfg.max_restarts)

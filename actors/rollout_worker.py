@@ -81,6 +81,21 @@ class RolloutConfig:
     with version k while the learner trains on batch k (importance-corrected, learner.importance_cap)."""
     ignore_eos: bool = False
     """Benchmark mode: every sample runs to max_new_tokens, so systems compared side by side do equal work."""
+    env: str = ""
+    """Multi-turn episodes: an environment (actors/agent): a built-in name (calculator, python, lookup) or
+    'package.module:factory'. '' = one response per sample."""
+    env_args: str = ""
+    """Keyword arguments for the environment's factory, as a JSON object (e.g. '{"call_bonus": 0.5}')."""
+    max_turns: int = field(default=4, metadata=bounds(ge=1, le=64))
+    """Policy turns per episode at most (rollout.env set); each turn generates up to rollout.max_new_tokens."""
+    max_observation_tokens: int = field(default=256, metadata=bounds(ge=1))
+    """An environment message longer than this many tokens is cut (and says so)."""
+    max_episode_tokens: int = field(default=0, metadata=bounds(ge=0, why="0 is max_turns turns and observations"))
+    """Response tokens one episode may hold, the policy's and the environment's. 0: max_turns x max_new_tokens +
+    (max_turns - 1) x (max_observation_tokens + 32 for the chat template's tokens around a message)."""
+    env_timeout_s: float = field(default=60.0, metadata=bounds(gt=0, why="every remote wait needs a timeout"))
+    """Longest environment step (its tool calls included); beyond it the episode ends, counted in
+    rollout/tool_errors. Each tool call has its own, shorter timeout (actors/agent/env.py)."""
     max_restarts: int = field(default=2, metadata=bounds(ge=0, why="0: no replacement"))
     """Engines that die mid-generate are replaced (synced to the current version, shard regenerated with the same
     seeds) up to this many times per run; then the run stops and names the engine."""
@@ -163,7 +178,12 @@ def engine_threads(cfg: RolloutConfig) -> int:
 
 
 class RolloutWorker:
-    def __init__(self, cfg: RolloutConfig, model_path: str, dtype: str, seed: int, engine_index: int = 0):
+    def __init__(self, cfg: RolloutConfig, model_path: str, dtype: str, seed: int, engine_index: int = 0,
+                 log_file: str = ""):
+        """log_file: this actor's stdout/stderr (vLLM's engine processes included) go there (oirl/logs.py)."""
+        from oirl.logs import redirect_actor_output
+
+        redirect_actor_output(log_file)
         self.cfg = cfg
         self.engine_index = engine_index
         self.version = 0
@@ -196,10 +216,12 @@ class RolloutWorker:
         return tree_peak_rss_mib()
 
     def generate(self, prompt_ids: list[int], prompt_token_ids: list[list[int]], expected_version: int,
-                 seeds: list[int] | None = None) -> pa.Table:
+                 seeds: list[int] | None = None, rows: list[dict] | None = None) -> pa.Table:
         """n samples for each prompt with the weights of ``expected_version``; returns RolloutBatch rows.
 
         seeds: one sampling seed per prompt, so a resumed run draws the same samples as an uninterrupted one.
+        rows: with rollout.env, each prompt's data row ({'prompt_id', 'question', 'answer'}): the environment
+        renders the episode's first messages from it (actors/agent/episodes.py).
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -212,6 +234,12 @@ class RolloutWorker:
                 f"{expected_version}; a weight sync was missed"
             )
         seeds = seeds if seeds is not None else [None] * len(prompt_ids)
+        if self.cfg.env:
+            from actors.agent.episodes import run_episodes
+
+            if rows is None:
+                raise ValueError("rollout.env is set but generate() got no data rows")
+            return run_episodes(self.llm, self.cfg, rows, list(seeds), self.version, self.engine_index)
         params = [SamplingParams(n=self.cfg.samples_per_prompt, temperature=self.cfg.temperature,
                                  top_p=self.cfg.top_p, top_k=self.cfg.top_k, max_tokens=self.cfg.max_new_tokens,
                                  logprobs=0, seed=s, ignore_eos=self.cfg.ignore_eos)

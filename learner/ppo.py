@@ -24,12 +24,15 @@ def pad_batch(table: pa.Table, pad_id: int) -> dict[str, torch.Tensor]:
     """RolloutBatch rows -> right-padded tensors.
 
     Returns input_ids [B, T] (prompt + response), attention_mask [B, T], resp_index [B, R] (position whose
-    next-token prediction is response token t; clamped where masked), resp_mask [B, R] (float), resp_ids [B, R],
+    next-token prediction is response token t; clamped where masked), resp_mask [B, R] (float: 1 on the policy's
+    tokens; 0 on padding and, in multi-turn episodes, on the environment's tokens, loss_mask), resp_ids [B, R],
     engine_logprobs [B, R], and reward [B] when the batch has a reward column.
     """
     p_flat, p_off = list_column_numpy(table, "prompt_token_ids")
     r_flat, r_off = list_column_numpy(table, "response_token_ids")
     lp_flat, _ = list_column_numpy(table, "response_logprobs")
+    # multi-turn episodes: the environment's tokens are context, not actions (0 in loss_mask)
+    m_flat = list_column_numpy(table, "loss_mask")[0] if "loss_mask" in table.column_names else None
     p_len, r_len = np.diff(p_off), np.diff(r_off)
     b = len(p_len)
     t_max = int((p_len + r_len).max()) if b else 0
@@ -46,7 +49,7 @@ def pad_batch(table: pa.Table, pad_id: int) -> dict[str, torch.Tensor]:
         attention[i, : pl + rl] = 1
         resp_ids[i, :rl] = r_flat[r_off[i]: r_off[i + 1]]
         engine_lp[i, :rl] = lp_flat[r_off[i]: r_off[i + 1]]
-        resp_mask[i, :rl] = 1.0
+        resp_mask[i, :rl] = 1.0 if m_flat is None else m_flat[r_off[i]: r_off[i + 1]]
     resp_index = np.clip((p_len[:, None] - 1) + np.arange(r_max)[None, :], 0, max(t_max - 1, 0))
     out = {
         "input_ids": torch.from_numpy(input_ids),
@@ -159,7 +162,8 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """score [B], kl [B, R], mask [B, R] -> per-token reward [B, R]: -kl_coef*kl, plus score on the last token."""
     rewards = -kl_coef * kl * mask
-    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    # the last action (multi-turn: the environment's tokens are holes in the mask, so not mask.sum() - 1)
+    last = (mask * torch.arange(1, mask.shape[-1] + 1, device=mask.device, dtype=mask.dtype)).argmax(-1)
     rewards[torch.arange(len(score), device=score.device), last] += score * (mask.sum(-1) > 0)
     return rewards
 
@@ -168,7 +172,10 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                 lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over [B, R] right-padded responses; the value after the last token is 0 (episode ends).
 
-    Returns (advantages [B, R], returns [B, R]) with zeros at padded positions.
+    Masked positions are not steps: padding carries nothing back, and in multi-turn episodes an environment token
+    (0 in the mask between two policy turns) passes the next action's value and advantage through unchanged, so the
+    end's reward reaches the first turn as if the environment's tokens were not there.
+    Returns (advantages [B, R], returns [B, R]) with zeros at masked positions.
     """
     b, r = rewards.shape
     adv = torch.zeros_like(rewards)
@@ -177,10 +184,9 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     for t in reversed(range(r)):
         m = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
-        last_gae = last_gae * m  # padded steps carry nothing back
-        adv[:, t] = last_gae
-        next_value = values[:, t] * m
+        last_gae = torch.where(m > 0, delta + gamma * lam * last_gae, last_gae)  # a hole keeps what comes after it
+        adv[:, t] = last_gae * m
+        next_value = torch.where(m > 0, values[:, t], next_value)
     returns = (adv + values) * mask
     return adv, returns
 

@@ -11,8 +11,21 @@
 | policy_version       | int64          | rollout          | weights version the engine served                    |
 | engine_index         | int32          | rollout          | which engine generated the row (checks name it)      |
 | reference            | string         | driver           | reference answer of the prompt ('' when none)        |
+| loss_mask            | list<int8>     | rollout (agents) | 1: the policy generated the token, 0: the environment |
+|                      |                |                  | appended it (masked out of loss, KL, entropy, checks) |
+| num_turns            | int32          | rollout (agents) | policy turns in the episode                           |
+| tool_calls           | int32          | rollout (agents) | tool calls the policy made                            |
+| tool_errors          | int32          | rollout (agents) | calls that failed, and environment errors/timeouts    |
+| env_reward           | float32        | rollout (agents) | the environment's rewards of the episode, summed      |
+| env_seconds          | float32        | rollout (agents) | time the episode waited for its environment           |
 | reward_raw           | float32        | reward actor     | the reward before normalisation and clipping         |
 | reward               | float32        | reward actor     | scalar reward of the whole response (trained on)     |
+
+The agent columns exist only in multi-turn batches (rollout.env set; actors/agent/episodes.py). There
+``response_token_ids`` is the whole episode after the prompt: each policy turn's ids as generated, and between two
+turns the ids of the environment's message as the chat template renders it; turn boundaries are the runs of ones in
+``loss_mask``, and ``response_logprobs`` holds 0 at the environment's tokens. The driver adds ``env_reward`` to the
+reward actor's score of the episode.
 
 The learner adds reference logprobs, values, advantages and returns internally (as tensors, padded once in
 ``learner.ppo.pad_batch``); no stage rewrites another stage's columns.
@@ -28,6 +41,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 ROLLOUT_SCHEMA = pa.schema(
     [
@@ -82,6 +96,21 @@ def make_rollout_batch(
         ],
         schema=ROLLOUT_SCHEMA,
     )
+
+
+def add_agent_columns(table: pa.Table, loss_mask: Sequence[Sequence[int]], num_turns: Sequence[int],
+                      tool_calls: Sequence[int], tool_errors: Sequence[int], env_reward: Sequence[float],
+                      env_seconds: Sequence[float]) -> pa.Table:
+    """The multi-turn columns (see the table above), each checked against the rows."""
+    r_len = pc.list_value_length(table.column("response_token_ids")).to_numpy()
+    for i, m in enumerate(loss_mask):
+        assert len(m) == r_len[i], f"row {i}: loss_mask has {len(m)} entries for {r_len[i]} response ids"
+    for name, values, dtype in (("loss_mask", _list_column(loss_mask, pa.int8(), np.int8), None),
+                                ("num_turns", num_turns, pa.int32()), ("tool_calls", tool_calls, pa.int32()),
+                                ("tool_errors", tool_errors, pa.int32()), ("env_reward", env_reward, pa.float32()),
+                                ("env_seconds", env_seconds, pa.float32())):
+        table = table.append_column(name, values if dtype is None else pa.array(values, type=dtype))
+    return table
 
 
 GENERATE_S = b"oirl.generate_s"

@@ -293,22 +293,35 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     """Load YAML (or the embedded default when path is None), apply dotted overrides, validate.
 
     check_paths=False skips checks of local files (data.path) for configs meant for another machine (plans)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass --config with a file under configs/")
-        loaded = yaml.safe_load(p.read_text())
-        data = loaded or {}
-    else:
-        data = yaml.safe_load((REPO_ROOT / "configs" / "demo.yaml").read_text()) if (
-            REPO_ROOT / "configs" / "demo.yaml"
-        ).is_file() else {}
-    data = _merge(data, parse_overrides(overrides or []))
+    data = _merge(_file_data(path), parse_overrides(overrides or []))
     cfg = _build(RunConfig, data, "")
     cfg = apply_algorithm_defaults(cfg, set((data.get("learner") or {}).keys()))
     validate(cfg, check_paths)
     return cfg
+
+
+def _file_data(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The YAML at ``path`` (configs/demo.yaml when None) as a dict."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass --config with a file under configs/")
+        return yaml.safe_load(p.read_text()) or {}
+    demo = REPO_ROOT / "configs" / "demo.yaml"
+    return (yaml.safe_load(demo.read_text()) or {}) if demo.is_file() else {}
+
+
+def value_sources(cfg: RunConfig, path: str | os.PathLike[str] | None = None,
+                  overrides: list[str] | None = None) -> dict[str, tuple[Any, str]]:
+    """(value, where it came from) of each field of ``cfg = load_config(path, overrides)``, by dotted name; where:
+    'command line' (an override), 'config file' (the YAML), 'algorithm recipe (<algorithm>)' (ALGORITHM_DEFAULTS,
+    for a learner field set in neither) or 'default' (the field's own default)."""
+    from_file, from_cli = _flat(_file_data(path)), _flat(parse_overrides(overrides or []))
+    given = {key.split(".", 1)[1] for key in {**from_file, **from_cli} if key.startswith("learner.")}
+    recipe = {f"learner.{key}" for key in ALGORITHM_DEFAULTS.get(cfg.learner.algorithm, {}) if key not in given}
+    return {key: (value, "command line" if key in from_cli else "config file" if key in from_file
+                  else f"algorithm recipe ({cfg.learner.algorithm})" if key in recipe else "default")
+            for key, value in _flat(cfg.to_dict()).items()}
 
 
 # The recipe each learner.algorithm brings: the learner settings a user did not set (in the YAML or an override)
@@ -460,8 +473,24 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            f"sync.on_policy_action={s.on_policy_action!r} must be 'error' or 'warn'")
     _check(rw.kind in ("gsm8k", "synthetic_digits", "none"),
            f"reward.kind={rw.kind!r} must be 'gsm8k', 'synthetic_digits' or 'none'")
-    _check(rw.kind != "none" or rw.function or rw.model_path or rw.url,
-           "reward.kind=none needs another backend: set reward.model_path, reward.function or reward.url")
+    _check(rw.kind != "none" or rw.function or rw.model_path or rw.url or r.env,
+           "reward.kind=none needs another backend: set reward.model_path, reward.function or reward.url (or "
+           "rollout.env, whose environment rewards the episodes)")
+    if r.env:  # the environment exists and takes its arguments, before anything starts
+        import json as _json
+
+        from actors.agent.env import make_env
+
+        try:
+            args = _json.loads(r.env_args) if r.env_args else {}
+        except ValueError as e:
+            raise ConfigError(f"rollout.env_args={r.env_args!r} is not JSON ({e}); write a JSON object such as "
+                              "'{\"call_bonus\": 0.5}'") from None
+        _check(isinstance(args, dict), f"rollout.env_args={r.env_args!r} must be a JSON object")
+        try:
+            make_env(r.env, args)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _check(rw.kind != "gsm8k" or d.source == "gsm8k",
            f"reward.kind=gsm8k scores against each prompt's reference answer, but data.source={d.source!r} has "
            "none; set reward.kind=synthetic_digits (or none with another backend) or data.source=gsm8k")

@@ -44,6 +44,7 @@ from oirl.config import (
 )
 from oirl.data import PromptDataset
 from oirl.groups import count_informative, fill_groups
+from oirl.logs import log_dir, role_log
 from oirl.metrics import MetricsLogger, plot_curves
 from oirl.models import resolve_model
 from oirl.plan import (
@@ -54,7 +55,7 @@ from oirl.plan import (
     model_context_window,
     placement_plan,
 )
-from oirl.remote import get_all
+from oirl.remote import LOG_FILES, get_all, note_log
 from oirl.sync import (
     canary_due,
     check_on_policy,
@@ -106,7 +107,10 @@ def seeds_for(seed: int, iteration: int, prompt_ids: list[int], round_: int = 0)
     return seeds
 
 
-def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+          actor_logs: bool = False) -> dict[str, Any]:
+    """actor_logs: each actor's output goes to its role's file under out/logs (oirl/logs.py: the CLI's default,
+    off with --verbose); off, Ray forwards it to this process's terminal."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
@@ -138,13 +142,18 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     r = cfg.rollout
     pool = learner = None
     bar = None
+    metrics_log: MetricsLogger | None = None
     try:
         check_node_groups(cfg, 0.0 if started else NODE_GROUPS_WAIT_S)  # pinned groups exist, before any actor
-        pool = EnginePool(engines_cfg, model_path, cfg.model.dtype, cfg.seed, run_id, actor_options(cfg, "rollout"))
+        logs = str(log_dir(out)) if actor_logs else ""
+        LOG_FILES.clear()  # names from an earlier run in this process ("engine 0") would point at its files
+        pool = EnginePool(engines_cfg, model_path, cfg.model.dtype, cfg.seed, run_id, actor_options(cfg, "rollout"),
+                          logs)
         # A crashed reward actor is restarted by Ray and the lost score call retried on it (then a clear error);
         # it keeps no state of the run: the driver owns the normalisation moments and checkpoints them.
+        note_log("the reward actor", role_log(logs, "reward"))
         reward = spawn_reward_actor(cfg.reward, model_path, f"oirl-reward-{run_id}",
-                                    actor_options(cfg, "reward").get("resources"))
+                                    actor_options(cfg, "reward").get("resources"), role_log(logs, "reward"))
         micro_batch = cfg.batch_size // (cfg.learner.num_ranks * cfg.learner.num_minibatches)
         old_lp = cfg.learner.old_logprobs
         if old_lp == "auto":
@@ -154,7 +163,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         probe = checkpoint.write_storage_probe(out, run_id)  # every rank must see it: --out is shared storage
         learner = LearnerGroup(learner_cfg, model_path, cfg.model.dtype, cfg.seed, r.temperature, run_id,
                                micro_batch, resources=actor_options(cfg, "learner").get("resources"),
-                               storage_probe=(str(probe), run_id))
+                               storage_probe=(str(probe), run_id), log_dir=logs)
         transport = choose_transport(cfg.sync.transport, learner.call_rank0("node_id"), pool.node_ids(),
                                      learner.call_rank0("shm_free_bytes"),
                                      policy_bytes(expected_tensors, cfg.model.dtype))
@@ -210,6 +219,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                 x_rewards, state, failed, raw = get_all([reward.score_batch.remote(extra, state)],
                                                         cfg.reward.timeout_s + 60.0, f"reward (iteration {k}, refill)",
                                                         ["the reward actor"])[0]
+                x_rewards, raw = with_env_reward(extra, x_rewards, raw)
                 extra, x_rewards = drop_failed(add_column(extra, "reward_raw", raw), x_rewards, failed, True, 1)
                 rounds.append((add_column(extra, "reward", x_rewards), x_rewards))
             batch, rewards, frac = fill_groups(rounds, target)
@@ -253,6 +263,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                 # sample; the extra minute lets that answer (and the scoring after the last retry) arrive.
                 rewards, reward_state, failed, raw = get_all([ref], cfg.reward.timeout_s + 60.0,
                                                              f"reward (iteration {it})", ["the reward actor"])[0]
+                rewards, raw = with_env_reward(batch, rewards, raw)
                 batch = add_column(batch, "reward_raw", raw)  # before normalisation and clipping: what curves show
                 # reward.on_failure=drop: failed samples leave the batch (group-relative: with their prompt group)
                 scored = batch.num_rows
@@ -327,6 +338,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     finally:
         if bar is not None:
             bar.close()
+        if metrics_log is not None:  # after a clean close() this does nothing; else the trackers mark the run failed
+            metrics_log.close(failed=True)
         if pool is not None:
             pool.shutdown()
         if learner is not None:
@@ -365,6 +378,15 @@ def peak_memory(engines: list[Any], learner: LearnerGroup, reward: Any) -> dict[
             **{f"memory/{n}_peak_rss_mib": float(v) for n, v in zip(names, values)}}
 
 
+def with_env_reward(batch: pa.Table, rewards: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-turn episodes: the environment's rewards (env_reward, summed over the episode's turns) added to the
+    reward actor's score of the episode, normalised and raw alike (a failed score stays NaN)."""
+    if "env_reward" not in batch.column_names:
+        return rewards, raw
+    env = batch.column("env_reward").to_numpy().astype(np.float64)
+    return (rewards + env).astype(np.float32), (raw + env).astype(np.float32)
+
+
 def iteration_metrics(it: int, batch: pa.Table, rewards: np.ndarray, timings: dict[str, float],
                       *stats: dict[str, Any], engine_restarts: int = 0) -> dict[str, Any]:
     versions = batch.column("policy_version").to_numpy()
@@ -389,6 +411,12 @@ def iteration_metrics(it: int, batch: pa.Table, rewards: np.ndarray, timings: di
         "perf/gen_tokens_per_s": resp_tokens / engine_s,
         "perf/samples_per_s": batch.num_rows / timings["timing_s/iteration"],
     }
+    if "loss_mask" in batch.column_names:  # multi-turn episodes: turns, tools, and the policy's own tokens
+        from actors.agent.episodes import agent_metrics
+
+        agent = agent_metrics(batch)
+        row.update(agent)
+        row["perf/gen_tokens_per_s"] = agent["rollout/policy_tokens_mean"] * batch.num_rows / engine_s
     if "reward_raw" in batch.column_names:  # the reward before normalisation and clipping: learning shows here
         raw = batch.column("reward_raw").to_numpy()
         row.update({"reward/raw_mean": float(np.mean(raw)), "reward/raw_std": float(np.std(raw))})

@@ -112,10 +112,12 @@ def engine_config(cfg: Any, model_max_len: int | None = None) -> Any:
     rollout.samples_per_prompt), so every sample of its shard runs at once, at most MAX_NUM_SEQS."""
     import dataclasses
 
+    from actors.agent.episodes import episode_budget
     from actors.rollout_worker import MAX_NUM_SEQS
 
     r = cfg.rollout
-    length = r.max_model_len or cfg.data.max_prompt_tokens + r.max_new_tokens
+    response = episode_budget(r) if r.env else r.max_new_tokens  # multi-turn: the whole episode after the prompt
+    length = r.max_model_len or cfg.data.max_prompt_tokens + response
     if model_max_len and length > model_max_len:
         logger.warning("data.max_prompt_tokens + rollout.max_new_tokens = %d exceeds the model's context window "
                        "(%d): the engines hold %d tokens per sequence", length, model_max_len, model_max_len)

@@ -34,8 +34,9 @@ def reinforce_pp_returns(rewards: torch.Tensor, kl: torch.Tensor, mask: torch.Te
     returns = torch.zeros_like(per_token)
     running = torch.zeros_like(per_token[:, 0])
     for t in reversed(range(per_token.shape[1])):
-        running = (per_token[:, t] + gamma * running) * mask[:, t]
-        returns[:, t] = running
+        # a masked step (padding, or an environment token between turns) is not a step: it keeps the return after it
+        running = torch.where(mask[:, t] > 0, per_token[:, t] + gamma * running, running)
+        returns[:, t] = running * mask[:, t]
     return returns
 
 
