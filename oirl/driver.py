@@ -143,6 +143,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     pool = learner = None
     bar = None
     metrics_log: MetricsLogger | None = None
+    metrics_log: MetricsLogger | None = None
     try:
         check_node_groups(cfg, 0.0 if started else NODE_GROUPS_WAIT_S)  # pinned groups exist, before any actor
         logs = str(log_dir(out)) if actor_logs else ""
@@ -338,6 +339,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     finally:
         if bar is not None:
             bar.close()
+        if metrics_log is not None:  # after a clean close() this does nothing; else the trackers mark the run failed
+            metrics_log.close(failed=True)
         if metrics_log is not None:  # after a clean close() this does nothing; else the trackers mark the run failed
             metrics_log.close(failed=True)
         if pool is not None:

@@ -11,6 +11,7 @@ user asks: W&B runs offline under --out/wandb (logging.wandb_mode), MLflow write
 The iterations a resumed run redoes (logged by the process that died after its last checkpoint) are logged again:
 TensorBoard hides the earlier points (purge_step); MLflow keeps both, the resumed run's with the later timestamp;
 offline W&B writes them into a new offline-run folder of the same run id (when synced, W&B keeps a step's first value).
+A run that stops on an error is closed as failed (MLflow status FAILED, W&B exit code 1).
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ class WandbTracker:
     def log(self, row: dict[str, Any]) -> None:
         self.run.log(scalars(row), step=int(row["iteration"]))
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class MlflowTracker:
@@ -123,8 +124,8 @@ class MlflowTracker:
         now, step = int(time.time() * 1000), int(row["iteration"])
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars(row).items()])
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED")
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
 class MetricsLogger:
@@ -166,6 +167,7 @@ class MetricsLogger:
             except ImportError:  # tensorboard is a declared dependency; keep running if a user removed it
                 logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
         resume = start_iteration > 0
+        self.closed = False
         self.trackers: list[WandbTracker | MlflowTracker] = []
         if "wandb" in backends:
             self.trackers.append(WandbTracker(out_dir, logging_cfg, config or {}, resume))
@@ -192,11 +194,21 @@ class MetricsLogger:
                 self.tb.add_scalar(key, value, step)
         self.tb.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Flush and close every tracker; ``failed``: the run stopped on an error (MLflow's run is marked FAILED,
+        W&B's gets exit code 1). A second call does nothing, so the driver may call it again on its way out."""
+        if self.closed:
+            return
+        self.closed = True
         if self.tb is not None:
             self.tb.close()
         for tracker in self.trackers:
-            tracker.close()
+            try:
+                tracker.close(failed)
+            except Exception:  # closing must not hide the error that ended the run
+                if not failed:
+                    raise
+                logger.warning("could not close the %s run", type(tracker).__name__, exc_info=True)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

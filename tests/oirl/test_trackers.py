@@ -49,11 +49,21 @@ def wandb_records(path: Path):
             yield record
 
 
+def wandb_folders(out: Path, run_id: str) -> list[Path]:
+    """The offline run folders of ``run_id``, oldest first: offline-run-<time>-<id>, and -<id>-<n> when a second
+    process started within the same second."""
+    def order(folder: Path):
+        stamp, _, rest = folder.name[len("offline-run-"):].partition("-")
+        return stamp, int(rest[len(run_id) + 1:] or 0)
+
+    return sorted((f for f in (out / "wandb").glob(f"offline-run-*-{run_id}*") if f.is_dir()), key=order)
+
+
 def wandb_readback(out: Path):
     """(run id, config, {step: {metric: value}}, number of run files) of the W&B run in out: every offline run
     folder of its id, oldest first, so a step a resumed run logged again takes the resumed run's values."""
     run_id = (out / "wandb" / "run_id").read_text().strip()
-    folders = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    folders = wandb_folders(out, run_id)
     config, steps = {}, {}
     for folder in folders:
         for record in wandb_records(folder / f"run-{run_id}.wandb"):
@@ -158,6 +168,33 @@ def test_a_fresh_run_in_the_same_folder_starts_a_new_tracker_run(tmp_path):
         log.close()
         ids.append((tmp_path / "wandb" / "run_id").read_text().strip())
     assert ids[0] != ids[1]
+
+
+def test_a_run_that_failed_is_marked_so_and_its_resume_finishes_it(tmp_path):
+    """The driver closes the trackers with failed=True on its way out of an error: MLflow's run is FAILED (not left
+    RUNNING for ever) and W&B's has exit code 1; the resumed run ends FINISHED, exit code 0."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = load_config("configs/smoke.yaml", ["logging.backends=wandb,mlflow"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow' / 'mlflow.db'}")
+
+    def states():
+        run_id = (tmp_path / "wandb" / "run_id").read_text().strip()
+        newest = wandb_folders(tmp_path, run_id)[-1]
+        exits = [r.exit.exit_code for r in wandb_records(newest / f"run-{run_id}.wandb")
+                 if r.WhichOneof("record_type") == "exit"]
+        return client.get_run((tmp_path / "mlflow" / "run_id").read_text().strip()).info.status, exits
+
+    log = MetricsLogger(tmp_path, 0, None, cfg.logging, cfg.to_dict())
+    log.log(rows(0, [0])[0])
+    log.close(failed=True)
+    log.close(failed=True)  # the driver's second call on its way out does nothing
+    assert states() == ("FAILED", [1])
+    log = MetricsLogger(tmp_path, 1, None, cfg.logging, cfg.to_dict())
+    log.log(rows(0, [1])[0])
+    log.close()
+    log.close(failed=True)  # after a clean close, the driver's call on its way out changes nothing
+    assert states() == ("FINISHED", [0])
 
 
 def test_only_the_named_backends_are_written(tmp_path):
