@@ -123,5 +123,7 @@ class EnginePool:
         for i, e in enumerate(self.engines):
             try:
                 ray.get(e.shutdown.remote(), timeout=30)
+            except ray.exceptions.RayActorError:  # already gone (the error that ends the run says why): no traceback
+                logger.info("engine %d was gone at shutdown", i)
             except Exception:  # the engine may be the reason we are here; do not hide the original error
-                logger.warning("engine %d shutdown failed", i, exc_info=True)
+                logger.warning("engine %d shutdown failed%s", i, log_of(f"engine {i}"), exc_info=True)

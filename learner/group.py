@@ -16,7 +16,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.learner_worker import LearnerConfig, LearnerWorker
-from oirl.remote import get_all
+from oirl.logs import role_log
+from oirl.remote import get_all, note_log
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,11 @@ def rank_bundles(cfg: LearnerConfig, resources: dict[str, float] | None = None) 
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, model_path: str, dtype: str, seed: int, temperature: float,
                  run_id: str, micro_batch: int, resources: dict[str, float] | None = None,
-                 storage_probe: tuple[str, str] | None = None):
+                 storage_probe: tuple[str, str] | None = None, log_dir: str = ""):
         """resources: extra custom resources per rank (e.g. {'oirl_learner': 1} to pin ranks to a node group).
         storage_probe: (path, token) of the file the driver wrote under --out; every rank checks that it sees it
-        before anything is loaded (oirl.checkpoint.check_storage_probe)."""
+        before anything is loaded (oirl.checkpoint.check_storage_probe). log_dir: rank r's output goes to
+        log_dir/learner-<r>.log (oirl/logs.py); "" leaves it to Ray."""
         self.cfg = cfg
         bundles = rank_bundles(cfg, resources)
         self.pg = placement_group(bundles, strategy="PACK", name=f"oirl-learner-{run_id}")
@@ -47,12 +49,15 @@ class LearnerGroup:
             ) from e
         remote_cls = ray.remote(LearnerWorker)
         self.names = [f"oirl-learner-{run_id}-rank{r}" for r in range(cfg.num_ranks)]
+        logs = [role_log(log_dir, f"learner-{r}") for r in range(cfg.num_ranks)]
+        for r in range(cfg.num_ranks):
+            note_log(f"learner rank {r} ({self.names[r]})", logs[r])
         self.workers = [
             remote_cls.options(
                 num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=resources or {},
                 name=self.names[r],
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-            ).remote(cfg, r, model_path, dtype, seed, temperature, run_id)
+            ).remote(cfg, r, model_path, dtype, seed, temperature, run_id, logs[r])
             for r in range(cfg.num_ranks)
         ]
         if storage_probe is not None:

@@ -48,7 +48,11 @@ MB_KEYS = ("old_logprobs", "advantages", "old_values", "returns", "ref_logprobs"
 
 class LearnerWorker(WeightPublisher):
     def __init__(self, cfg: LearnerConfig, rank: int, model_path: str, dtype: str, seed: int,
-                 temperature: float, run_id: str):
+                 temperature: float, run_id: str, log_file: str = ""):
+        """log_file: this rank's stdout/stderr go there (oirl/logs.py); "" leaves them to Ray."""
+        from oirl.logs import redirect_actor_output
+
+        redirect_actor_output(log_file)
         self.cfg, self.rank, self.world = cfg, rank, cfg.num_ranks
         self.model_path, self.dtype_name, self.seed = model_path, dtype, seed
         self.temperature, self.run_id = temperature, run_id

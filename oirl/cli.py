@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                               "for jobs that are retried (a RayJob's backoffLimit, a preempted node)")
     p_train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else embedded)")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_train.add_argument("--verbose", action="store_true",
+                         help="every process's output on the terminal (vLLM, DeepSpeed, Ray, ...); by default each "
+                              "actor writes to its role's file under --out/logs and the terminal shows oirl's "
+                              "messages, warnings and errors")
     p_model = sub.add_parser("prepare-model", help="convert or build the configured model into the cache")
     p_model.add_argument("--config")
     p_show = sub.add_parser("show-config", help="print the resolved, validated config")
@@ -204,8 +208,13 @@ def main(argv: list[str] | None = None) -> int:
               "afresh there would overwrite its metrics and checkpoints. Continue it with --resume (or "
               "--auto-resume), give another --out, or remove it to start over", file=sys.stderr)
         return 2
+    from oirl.logs import configure_driver, log_dir, role_log
+
+    logs = log_dir(out)
+    configure_driver(role_log(str(logs), "driver"), args.verbose, os.environ.get("OIRL_LOG_LEVEL", "INFO"))
     try:
-        final = train(cfg, out, resume=args.resume or committed is not None, progress=not args.no_progress)
+        final = train(cfg, out, resume=args.resume or committed is not None, progress=not args.no_progress,
+                      actor_logs=not args.verbose)
     except (DatasetError, FileNotFoundError, ValueError) as e:
         print(f"oirl: {e}", file=sys.stderr)
         return 2
@@ -216,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         where = (f"the last committed checkpoint is iteration {committed['iteration']}: continue with the same "
                  "command plus --resume" if committed else "no checkpoint was committed yet: rerun from the start")
         print(f"oirl: the run failed: {e}\noirl: {where}", file=sys.stderr)
+        print(f"oirl: every role's output is in {logs}/ (driver.log, rollout-<i>.log, learner-<r>.log, reward.log)"
+              if not args.verbose else f"oirl: the driver's log is {logs}/driver.log", file=sys.stderr)
         return 1
     print(json.dumps({k: final[k] for k in ("iteration", "reward/mean", "reward/raw_mean", "kl/mean", "sync/seconds")
                       if k in final}))

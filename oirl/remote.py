@@ -13,6 +13,23 @@ from typing import Any
 
 import ray
 
+# Display name of an actor (as callers name it to get_all: "engine 0", "learner rank 1 (oirl-learner-...)", "the
+# reward actor") -> the file its output goes to (oirl/logs.py), so an error about it says where to look.
+LOG_FILES: dict[str, str] = {}
+
+
+def note_log(name: str, path: str) -> None:
+    """Errors about the actor called ``name`` will name ``path`` (its log file); "" forgets it."""
+    if path:
+        LOG_FILES[name] = path
+    else:
+        LOG_FILES.pop(name, None)
+
+
+def log_of(name: str) -> str:
+    """' (its log: PATH)' for an actor whose output goes to a file, else ''."""
+    return f" (its log: {LOG_FILES[name]})" if name in LOG_FILES else ""
+
 
 class RemoteError(RuntimeError):
     """A remote call failed or its actor died; the message names the actor."""
@@ -38,14 +55,15 @@ def get_all(refs: Sequence[Any], timeout: float, what: str, names: Sequence[str]
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         if not ready:
-            late = ", ".join(names[index[r]] for r in pending)
+            late = ", ".join(names[index[r]] + log_of(names[index[r]]) for r in pending)
             raise TimeoutError(f"{what} did not finish within {timeout}s (still running: {late}){suffix}")
         for ref in ready:
             i = index[ref]
             try:
                 ray.get(ref)
             except ray.exceptions.RayActorError as e:
-                raise ActorDiedError(f"{what}: actor {names[i]} died ({type(e).__name__}){suffix}", i) from e
+                raise ActorDiedError(f"{what}: actor {names[i]} died ({type(e).__name__}){log_of(names[i])}{suffix}",
+                                     i) from e
             except ray.exceptions.RayTaskError as e:
-                raise RemoteError(f"{what}: {names[i]} failed: {e}{suffix}") from e
+                raise RemoteError(f"{what}: {names[i]} failed{log_of(names[i])}: {e}{suffix}") from e
     return ray.get(list(refs))

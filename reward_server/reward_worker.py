@@ -192,8 +192,13 @@ class RunningMoments:
 
 
 class RewardWorker:
-    def __init__(self, cfg: RewardConfig, tokenizer_path: str):
+    def __init__(self, cfg: RewardConfig, tokenizer_path: str, log_file: str = ""):
+        """log_file: this actor's stdout/stderr go there (oirl/logs.py); "" leaves them to Ray."""
         from transformers import AutoTokenizer
+
+        from oirl.logs import redirect_actor_output
+
+        redirect_actor_output(log_file)  # first: a restarted actor appends to the same file
 
         self.cfg = cfg
         # Local folders only: a missing path must fail here, not wait on a model hub.
@@ -490,12 +495,13 @@ class RewardWorker:
 
 
 def spawn_reward_actor(cfg: RewardConfig, tokenizer_path: str, name: str | None = None,
-                       resources: dict[str, float] | None = None) -> Any:
+                       resources: dict[str, float] | None = None, log_file: str = "") -> Any:
     """The reward actor as the driver runs it: a crash restarts it (cfg.max_restarts times) and the lost call is
-    retried on the restarted actor; past that, ray.get raises an error naming the actor instead of hanging."""
+    retried on the restarted actor; past that, ray.get raises an error naming the actor instead of hanging.
+    log_file: where its output goes (oirl/logs.py)."""
     import ray
 
     return ray.remote(RewardWorker).options(
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=resources or {}, name=name, max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_restarts,
-    ).remote(cfg, tokenizer_path)
+    ).remote(cfg, tokenizer_path, log_file)

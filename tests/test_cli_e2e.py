@@ -221,7 +221,8 @@ def test_actor_faults_recover_or_fail_clearly(tmp_path):
     spec = "kill-actor:engine:1,kill-actor:reward:2,kill-actor:learner:3"
     proc = run_with_fault(out, spec, *overrides)  # a hang would end in TimeoutExpired, a failed test
     assert proc.returncode == 1, proc.stderr[-6000:]
-    assert re.search(r"learner rank 1 \(oirl-learner-\w+-rank1\) died", proc.stderr), proc.stderr[-4000:]
+    assert re.search(r"learner rank 1 \(oirl-learner-\w+-rank1\) died \(\w+\) \(its log: \S+/logs/learner-1\.log\)",
+                     proc.stderr), proc.stderr[-4000:]
     assert "last committed checkpoint is iteration 3: continue with the same command plus --resume" in proc.stderr
     assert "replacing it (1/" in proc.stderr
     rows = metrics(out)
@@ -389,6 +390,10 @@ def test_a_dead_engine_past_max_restarts_stops_the_run_naming_it(tmp_path):
     assert proc.returncode == 1, proc.stderr[-6000:]
     assert ("engine 0 died during generate of iteration 1 and rollout.max_restarts=0 replacements are used up; "
             "rerun with --resume to continue from the last checkpoint") in proc.stderr
+    # ... and where its output went (oirl/logs.py): the engine's file, and every role's folder
+    assert f"(its log: {tmp_path}/logs/rollout-0.log)" in proc.stderr and (tmp_path / "logs" / "rollout-0.log").is_file()
+    assert f"oirl: every role's output is in {tmp_path}/logs/" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("oirl: the run failed")[0]  # a dead engine's shutdown: no traceback
     assert [r["iteration"] for r in metrics(tmp_path)] == [0]
 
 
