@@ -201,6 +201,10 @@ def _sub_classes() -> dict[str, type]:
     }
 
 
+JSON_FIELDS = {"rollout.env_args"}
+"""String fields holding a JSON object: a YAML mapping given for one is written as JSON."""
+
+
 def _coerce(path: str, value: Any, default: Any) -> Any:
     """Check a YAML/CLI value against the type of the field's default."""
     if isinstance(default, bool):
@@ -223,6 +227,8 @@ def _coerce(path: str, value: Any, default: Any) -> Any:
                 pass
         raise ConfigError(f"{path}={value!r} must be a number")
     if isinstance(default, str):
+        if path in JSON_FIELDS and isinstance(value, dict):  # a YAML mapping where the field holds a JSON object
+            return json.dumps(value)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{path}={value!r} must be a string")
@@ -267,7 +273,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override '{args[i]}' has no value; write it as {arg}=VALUE")
             key, raw = arg, args[i + 1]
             i += 2
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:  # not YAML ('{oops'): the text itself, which the field's own check then judges
+            value = raw
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -491,6 +500,10 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
             make_env(r.env, args)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        _check(not r.env.startswith("agent:") or r.agent_timeout_s < r.timeout_s,
+               f"rollout.agent_timeout_s={r.agent_timeout_s:g} must be below rollout.timeout_s={r.timeout_s:g}: the "
+               "driver would give up on the whole generate call before a stuck agent's episode is cut; lower "
+               "rollout.agent_timeout_s or raise rollout.timeout_s")
     _check(rw.kind != "gsm8k" or d.source == "gsm8k",
            f"reward.kind=gsm8k scores against each prompt's reference answer, but data.source={d.source!r} has "
            "none; set reward.kind=synthetic_digits (or none with another backend) or data.source=gsm8k")

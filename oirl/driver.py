@@ -143,7 +143,6 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     pool = learner = None
     bar = None
     metrics_log: MetricsLogger | None = None
-    metrics_log: MetricsLogger | None = None
     try:
         check_node_groups(cfg, 0.0 if started else NODE_GROUPS_WAIT_S)  # pinned groups exist, before any actor
         logs = str(log_dir(out)) if actor_logs else ""
@@ -252,6 +251,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                 batch = ahead if ahead is not None else finish(draw(it))
                 ahead = None
                 validate_versions(batch, it, r.async_steps)
+                if "loss_mask" in batch.column_names and faults.no_loss_mask():
+                    batch = batch.drop_columns(["loss_mask"])  # OIRL_FAULT=no-loss-mask: a trainer without it
                 # One-step-off: the next batch is generated with this version while the learner trains on this one.
                 nxt = draw(it + 1) if r.async_steps and it + 1 < cfg.iterations else None
 
@@ -339,8 +340,6 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     finally:
         if bar is not None:
             bar.close()
-        if metrics_log is not None:  # after a clean close() this does nothing; else the trackers mark the run failed
-            metrics_log.close(failed=True)
         if metrics_log is not None:  # after a clean close() this does nothing; else the trackers mark the run failed
             metrics_log.close(failed=True)
         if pool is not None:

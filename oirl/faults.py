@@ -8,6 +8,9 @@
                                                hashes the new weights but skips the reload, and reports success:
                                                the silent stale-weights failure; the logprob checks (the on-policy
                                                check, the canary) must stop the run within the next iteration
+    OIRL_FAULT=no-loss-mask                    multi-turn episodes: the driver drops the batch's loss_mask, so the
+                                               learner takes the environment's tokens for the policy's (what a
+                                               trainer without the mask does); the on-policy check must stop it
 
 Phases: generate, reward, prepare, update, sync, checkpoint. "In the middle" means after the phase's remote calls
 were submitted (sync: after the learner exported the buckets, before the engines loaded them; checkpoint: after
@@ -44,7 +47,9 @@ def parse(spec: str) -> list[Fault]:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         fields = part.split(":")
         ok = len(fields) == 3 and fields[2].lstrip("-").isdigit()
-        if len(fields) == 2 and fields[0] == "stale-engine" and fields[1].isdigit():
+        if part == "no-loss-mask":
+            faults.append(Fault("no-loss-mask", "driver", -1))
+        elif len(fields) == 2 and fields[0] == "stale-engine" and fields[1].isdigit():
             faults.append(Fault("stale-engine", "engine", int(fields[1])))
         elif ok and fields[0] == "kill" and fields[1] in PHASES:
             faults.append(Fault("kill", fields[1], int(fields[2])))
@@ -53,7 +58,7 @@ def parse(spec: str) -> list[Fault]:
         else:
             raise ValueError(f"OIRL_FAULT={spec!r}: cannot read {part!r}; use kill:<phase>:<iteration> with phase "
                              f"in {', '.join(PHASES)}, or kill-actor:<role>:<iteration> with role in "
-                             f"{', '.join(ROLE_PHASE)}, or stale-engine:<iteration>")
+                             f"{', '.join(ROLE_PHASE)}, or stale-engine:<iteration>, or no-loss-mask")
     return faults
 
 
@@ -107,3 +112,8 @@ def stale_engine(iteration: int) -> bool:
     if fired:
         logger.warning("OIRL_FAULT: every engine skips the reload of the sync after iteration %d", iteration)
     return fired
+
+
+def no_loss_mask() -> bool:
+    """True when OIRL_FAULT asks the driver to drop multi-turn batches' loss_mask (every iteration)."""
+    return any(f.action == "no-loss-mask" for f in parse(os.environ.get("OIRL_FAULT", "")))

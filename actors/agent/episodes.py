@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from actors.agent.env import Environment, Step, make_env
+from actors.agent.env import AGENT_PREFIX, Environment, Step, make_env
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,10 @@ def run_episodes(llm: Any, cfg: Any, rows: list[dict[str, Any]], seeds: list[int
     """cfg: a RolloutConfig with env set. rows: one dict per prompt ({'prompt_id', 'question', 'answer'}).
     Returns RolloutBatch rows (samples_per_prompt episodes per prompt, grouped by prompt) with the agent columns
     (oirl/batch.py) and the engine's seconds (its steps, not the environments') in the schema metadata."""
+    if cfg.env.startswith(AGENT_PREFIX):  # a black-box agent drives its own episodes through an OpenAI endpoint
+        from actors.agent.blackbox import run_agent_episodes
+
+        return run_agent_episodes(llm, cfg, rows, seeds, version, engine_index)
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -197,6 +201,8 @@ def run_episodes(llm: Any, cfg: Any, rows: list[dict[str, Any]], seeds: list[int
         for fut, (ep, _text, _e, started) in list(pending.items()):  # stuck steps: the episode ends, the run goes on
             if now - started > cfg.env_timeout_s:
                 pending.pop(fut)
+                ep.env_s += now - started
+                env_s += now - started
                 ep.env_errors += 1
                 ep.finish = "env_timeout"
                 logger.warning("episode %d/%d: environment step timed out after %.0fs (rollout.env_timeout_s); the "
