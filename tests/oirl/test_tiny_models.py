@@ -92,3 +92,27 @@ def test_the_builder_refuses_an_unknown_architecture_before_writing(tmp_path):
 def test_qwen2_at_a_multiple_of_32_passes_the_check():
     cfg = load_config(SMOKE, ["model.tiny_architecture=qwen2", "model.tiny_hidden_size=96"])
     assert cfg.model.tiny_architecture == "qwen2"
+
+
+@pytest.mark.parametrize("arch, own", [("qwen2", "model.layers.1.self_attn.k_proj.bias"),
+                                       ("qwen3", "model.layers.0.self_attn.q_norm.weight"),
+                                       ("qwen3", "lm_head.weight")])
+def test_the_sync_check_refuses_a_publish_without_the_architectures_own_tensors(built, arch, own):
+    """What the learner publishes (named_parameters) passes the tensor-count check; the same without a tensor only
+    this family has (a bias, a per-head norm, the separate head) fails naming it."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from oirl.sync import SyncError, check_against_checkpoint
+    from oirl.weights import WeightUpdate, fingerprint, pack_bucket, plan_buckets
+
+    def publish(named):
+        packed = [pack_bucket(g, lambda n: np.empty(n, dtype=np.uint8)) for g in plan_buckets(named, 1 << 16)]
+        buckets, buffers = [p[0] for p in packed], [p[1] for p in packed]
+        return WeightUpdate(1, "object_store", buckets, fingerprint(buckets, buffers), sum(b.nbytes for b in buckets))
+
+    named = [(n, p.detach()) for n, p in AutoModelForCausalLM.from_pretrained(built[arch]).named_parameters()]
+    expected = checkpoint_tensors(str(built[arch]))
+    assert check_against_checkpoint(publish(named), expected) == sum(p.numel() * 4 for _, p in named)
+    with pytest.raises(SyncError, match=own.replace(".", r"\.")):
+        check_against_checkpoint(publish([(n, p) for n, p in named if n != own]), expected)
