@@ -193,3 +193,12 @@ def test_returns_and_advantages_flow_over_the_environments_tokens():
     assert ret[0, 2:5].tolist() == [0, 0, 0]
     g = reinforce_pp_returns(torch.tensor([1.0]), kl, mask, 0.0, 0.5)
     assert g[0].tolist() == pytest.approx([0.125, 0.25, 0, 0, 0, 0.5, 1.0])
+
+
+def test_the_readme_example_runs_as_written(capsys):
+    from oirl.config import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    code = readme.split("Writing an environment and a tool")[1].split("```python")[1].split("```")[0]
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    assert capsys.readouterr().out.splitlines() == ["rain, 12 C", "1.0"]
