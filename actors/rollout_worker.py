@@ -96,6 +96,9 @@ class RolloutConfig:
     env_timeout_s: float = field(default=60.0, metadata=bounds(gt=0, why="every remote wait needs a timeout"))
     """Longest environment step (its tool calls included); beyond it the episode ends, counted in
     rollout/tool_errors. Each tool call has its own, shorter timeout (actors/agent/env.py)."""
+    agent_timeout_s: float = field(default=300.0, metadata=bounds(gt=0, why="every remote wait needs a timeout"))
+    """rollout.env=agent:...: longest black-box agent episode, its completions included; beyond it the episode ends
+    (counted in rollout/tool_errors) and the batch goes on. Keep it below rollout.timeout_s."""
     max_restarts: int = field(default=2, metadata=bounds(ge=0, why="0: no replacement"))
     """Engines that die mid-generate are replaced (synced to the current version, shard regenerated with the same
     seeds) up to this many times per run; then the run stops and names the engine."""
@@ -163,6 +166,12 @@ def engine_kwargs(cfg: RolloutConfig, model_path: str, dtype: str, seed: int, en
         kwargs["max_model_len"] = cfg.max_model_len
     if cfg.in_process_engine:
         kwargs["distributed_executor_backend"] = "uni"
+    if cfg.env and cfg.num_gpus == 0 and cfg.max_model_len:
+        # Multi-turn episodes add long prompts (the trajectory so far) while others decode, so the scheduler splits
+        # prefills; vLLM then rewinds the request's seeded generator, which a CPU generator cannot do ("CPU
+        # Generator does not use offset"). Whole prefills only, with room for the longest.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(cfg.max_model_len, 4096)
     if cfg.num_gpus > 0:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     return kwargs

@@ -121,9 +121,18 @@ TEMPLATE_TOKENS = 32
 role header and end, the next generation prompt) in the default episode budget."""
 
 
+def turn_seed(prompt_seed: int, sample: int, turn: int) -> int:
+    """The sampling seed of one turn of one sample: the prompt's seed (the driver's, the same on --resume) mixed
+    with both, so no two turns or samples of a batch share one."""
+    return int(np.random.default_rng([prompt_seed, sample, turn]).integers(2**31 - 1))
+
+
 def run_episodes(llm: Any, cfg: Any, rows: list[dict[str, Any]], seeds: list[int | None], version: int,
-                 engine_index: int) -> pa.Table:
+                 engine_index: int, barrier: bool = False) -> pa.Table:
     """cfg: a RolloutConfig with env set. rows: one dict per prompt ({'prompt_id', 'question', 'answer'}).
+    barrier: benchmarks only (benchmarks/agents.py): every episode's next turn waits until the engine has finished
+    every turn in flight and every environment step has returned, as a rollout that advances all episodes turn by
+    turn would.
     Returns RolloutBatch rows (samples_per_prompt episodes per prompt, grouped by prompt) with the agent columns
     (oirl/batch.py) and the engine's seconds (its steps, not the environments') in the schema metadata."""
     if cfg.env.startswith(AGENT_PREFIX):  # a black-box agent drives its own episodes through an OpenAI endpoint
@@ -148,8 +157,8 @@ def run_episodes(llm: Any, cfg: Any, rows: list[dict[str, Any]], seeds: list[int
     def submit(ep: Episode) -> None:
         room = budget - len(ep.resp)
         params = SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                max_tokens=min(cfg.max_new_tokens, room), logprobs=0,
-                                seed=None if ep.seed is None else (ep.seed * 1_000_003 + ep.turns) % (1 << 31))
+                                max_tokens=min(cfg.max_new_tokens, room), logprobs=0, ignore_eos=cfg.ignore_eos,
+                                seed=None if ep.seed is None else turn_seed(ep.seed, ep.sample_index, ep.turns))
         episodes[ep.request_id] = ep
         engine.add_request(ep.request_id, TokensPrompt(prompt_token_ids=ep.prompt + ep.resp), params)
 
@@ -157,8 +166,7 @@ def run_episodes(llm: Any, cfg: Any, rows: list[dict[str, Any]], seeds: list[int
         for j in range(cfg.samples_per_prompt):
             env = make_env(cfg.env, env_args)
             messages, tools = render.first_messages(env, env.reset(dict(row)))
-            ep = Episode(int(row["prompt_id"]), j, env, messages, render.prompt_ids(messages, tools),
-                         None if seed is None else seed + j)
+            ep = Episode(int(row["prompt_id"]), j, env, messages, render.prompt_ids(messages, tools), seed)
             if cfg.max_model_len and len(ep.prompt) + budget > cfg.max_model_len:
                 raise ValueError(f"prompt {ep.prompt_id}: the environment's first messages with its tools are "
                                  f"{len(ep.prompt)} tokens; with the episode's {budget} that exceeds the engine's "
@@ -168,6 +176,11 @@ def run_episodes(llm: Any, cfg: Any, rows: list[dict[str, Any]], seeds: list[int
             submit(ep)
 
     pending: dict[concurrent.futures.Future, tuple[Episode, str, bool, float]] = {}
+    held: list[Episode] = []  # barrier: next turns waiting for the round to end
+
+    def go(ep: Episode) -> None:
+        held.append(ep) if barrier else submit(ep)
+
     t0 = time.perf_counter()
     engine_s = env_s = 0.0
     while engine.has_unfinished_requests() or pending:
@@ -197,7 +210,7 @@ def run_episodes(llm: Any, cfg: Any, rows: list[dict[str, Any]], seeds: list[int
             ep, text, ended_eos, started = pending.pop(fut)
             ep.env_s += now - started
             env_s += now - started
-            _advance(ep, fut, text, ended_eos, cfg, budget, render, tools_of[id(ep)], submit)
+            _advance(ep, fut, text, ended_eos, cfg, budget, render, tools_of[id(ep)], go)
         for fut, (ep, _text, _e, started) in list(pending.items()):  # stuck steps: the episode ends, the run goes on
             if now - started > cfg.env_timeout_s:
                 pending.pop(fut)
@@ -207,6 +220,10 @@ def run_episodes(llm: Any, cfg: Any, rows: list[dict[str, Any]], seeds: list[int
                 ep.finish = "env_timeout"
                 logger.warning("episode %d/%d: environment step timed out after %.0fs (rollout.env_timeout_s); the "
                                "episode ends there", ep.prompt_id, ep.sample_index, cfg.env_timeout_s)
+        if held and not pending and not engine.has_unfinished_requests():  # barrier: the round is over
+            for ep in held:
+                submit(ep)
+            held.clear()
     table = make_rollout_batch([e.prompt_id for e in order], [e.sample_index for e in order],
                                [e.prompt for e in order], [e.resp for e in order], [e.logprobs for e in order],
                                [e.finish for e in order], version, engine_index)

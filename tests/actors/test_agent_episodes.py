@@ -25,7 +25,9 @@ def llm():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # as the rollout worker sets it (1 GiB)
     from vllm import LLM
 
-    engine = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
+    from actors.rollout_worker import engine_kwargs
+
+    engine = LLM(**engine_kwargs(config(), path, "float32", 0))  # as the rollout worker builds its engine
     yield engine
     del engine
 
