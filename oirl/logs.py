@@ -57,11 +57,16 @@ def redirect_actor_output(path: str) -> None:
     (--verbose, or a role built in-process by a test)."""
     if not path:
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as e:  # a node without --out (or read-only there): the output stays with Ray, the run goes on
+        logging.getLogger(__name__).warning("cannot write this actor's log to %s (%s); its output stays on Ray's "
+                                            "worker logs", path, e)
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     forward = os.dup(2)  # before the redirect: Ray's stream to the driver
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)

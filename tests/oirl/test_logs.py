@@ -44,6 +44,14 @@ def test_an_actors_output_goes_to_its_file_and_only_oirl_warnings_to_the_termina
     assert log.read_text().startswith(text) and log.read_text().count("child process line") == 2
 
 
+def test_a_log_path_that_cannot_be_written_warns_and_keeps_the_output(tmp_path):
+    (tmp_path / "not-a-folder").write_text("")
+    proc = _actor(str(tmp_path / "not-a-folder" / "rollout-0.log"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"cannot write this actor's log to {tmp_path}/not-a-folder/rollout-0.log" in proc.stderr
+    assert "plain stdout line" in proc.stdout and "oirl warning line" in proc.stderr
+
+
 def test_without_a_file_the_actor_keeps_its_output(tmp_path):
     proc = _actor("")
     assert proc.returncode == 0, proc.stderr
