@@ -45,7 +45,9 @@ class Step:
     info: dict[str, Any] = field(default_factory=dict)
     """Counts the rollout reports: ``tool_calls`` and ``tool_errors`` (ints)."""
     role: str = "tool"
-    """The observation's chat role ('tool', or 'user' for an environment that speaks as the user)."""
+    """The observation's chat role ('tool', or 'user' for an environment that speaks as the user); '' appends the
+    text itself right after the policy's tokens, inside the same message (an inline tool result, as GSM8K's
+    calculator annotations: ``<<48/2>>24``), and the policy goes on writing that message."""
 
 
 class Environment:
@@ -187,6 +189,13 @@ class ToolEnv(Environment):
     call_open: str = CALL_OPEN
     call_close: str = CALL_CLOSE
     """The markers around a call's JSON (an unclosed last call runs to the turn's end)."""
+    plain_calls: bool = False
+    """The call's text is the argument of the environment's only tool, which takes one (no JSON)."""
+    stop: list[str] = []
+    """Strings that end the policy's turn when generated (kept in its text and ids), e.g. the call's close marker
+    so the result comes right after the call."""
+    observation_role: str = "tool"
+    """Step.role of the results (see Step.role; '' inline)."""
     tool_timeout_s: float = 10.0
     max_calls_per_turn: int = 4
     sandbox: SandboxLimits = SandboxLimits()
@@ -223,15 +232,23 @@ class ToolEnv(Environment):
         if len(calls) > self.max_calls_per_turn:
             errors += 1
             results.append(f"error: at most {self.max_calls_per_turn} tool calls per turn")
-        return Step("\n".join(results), 0.0, False, {"tool_calls": len(calls), "tool_errors": errors})
+        return Step("\n".join(results), 0.0, False, {"tool_calls": len(calls), "tool_errors": errors},
+                    self.observation_role)
 
     def call(self, raw: str) -> str:
-        """One call's text (between the markers) -> the tool's result as text; errors raise."""
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"tool call is not JSON ({e.msg}); write {self.call_open}{{\"name\": ..., "
-                             f"\"arguments\": {{...}}}}{self.call_close}") from None
+        """One call's text (between the markers) -> the tool's result as text; errors raise. With
+        ``plain_calls``, the environment's only tool takes the text itself as its one argument (GSM8K's own
+        calculator annotations: ``<<48/2>>``)."""
+        if self.plain_calls:
+            (t,) = self.tools
+            (name,) = t.parameters["properties"]
+            obj = {"name": t.name, "arguments": {name: raw}}
+        else:
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"tool call is not JSON ({e.msg}); write {self.call_open}{{\"name\": ..., "
+                                 f"\"arguments\": {{...}}}}{self.call_close}") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             raise ValueError("tool call needs a 'name'")
         by_name = {t.name: t for t in self.tools}
@@ -259,6 +276,8 @@ def parse_tool_calls(text: str, call_open: str = CALL_OPEN, call_close: str = CA
 # ---- registry -----------------------------------------------------------------------------------------------------
 
 ENVIRONMENTS: dict[str, Callable[[], Environment]] = {}
+AGENT_PREFIX = "agent:"
+"""rollout.env=agent:package.module:function: a black-box agent on the OpenAI API (actors/agent/blackbox.py)."""
 
 
 def register(name: str) -> Callable[[Any], Any]:
@@ -272,12 +291,17 @@ def register(name: str) -> Callable[[Any], Any]:
 
 
 def env_factory(spec: str) -> Callable[[], Environment]:
-    """rollout.env -> a factory of fresh environments: a registered name, or 'package.module:factory' (a class or
-    function returning an Environment). ValueError naming the field and the choices."""
+    """rollout.env -> a factory of fresh environments: a registered name, 'package.module:factory' (a class or
+    function returning an Environment), or 'agent:package.module:function' (a black-box agent). ValueError naming
+    the field and the choices."""
     import actors.agent.tasks  # noqa: F401  (registers the built-in environments)
 
     if spec in ENVIRONMENTS:
         return ENVIRONMENTS[spec]
+    if spec.startswith(AGENT_PREFIX):
+        from actors.agent.blackbox import agent_factory
+
+        return agent_factory(spec)
     if ":" not in spec:
         raise ValueError(f"rollout.env={spec!r} is not a registered environment ({', '.join(sorted(ENVIRONMENTS))}) "
                          "nor 'package.module:factory'")

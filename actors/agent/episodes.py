@@ -158,6 +158,8 @@ def run_episodes(llm: Any, cfg: Any, rows: list[dict[str, Any]], seeds: list[int
         room = budget - len(ep.resp)
         params = SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                 max_tokens=min(cfg.max_new_tokens, room), logprobs=0, ignore_eos=cfg.ignore_eos,
+                                stop=list(getattr(ep.env, "stop", None) or []) or None,
+                                include_stop_str_in_output=True,
                                 seed=None if ep.seed is None else turn_seed(ep.seed, ep.sample_index, ep.turns))
         episodes[ep.request_id] = ep
         engine.add_request(ep.request_id, TokensPrompt(prompt_token_ids=ep.prompt + ep.resp), params)
@@ -257,8 +259,11 @@ def _advance(ep: Episode, fut: concurrent.futures.Future, text: str, ended_eos: 
         ep.finish = "max_turns"
         return
     observation = {"role": step.role, "content": render.cut(step.observation, cfg.max_observation_tokens)}
-    ids = render.observation_ids(ep.messages, tools, text, ended_eos, observation)
-    ep.messages = ep.messages + [{"role": "assistant", "content": text}, observation]
+    if step.role:  # a message of its own, as the template writes it
+        ids = render.observation_ids(ep.messages, tools, text, ended_eos, observation)
+        ep.messages = ep.messages + [{"role": "assistant", "content": text}, observation]
+    else:  # inline: the text itself, and the policy goes on with the same message
+        ids = [int(t) for t in render.tok.encode(observation["content"], add_special_tokens=False)]
     if len(ep.resp) + len(ids) >= budget:  # no room for the observation and a token of the next turn
         ep.finish = "length"
         return

@@ -74,8 +74,25 @@ TOOL_SYSTEM = ("Use the tools to compute. To call one, write {open}{{\"name\": \
 
 @register("calculator")
 class CalculatorEnv(ToolEnv):
+    """GSM8K with a calculator. ``inline=True``: GSM8K's own annotation format: the policy writes
+    ``<<48/2>>``, its turn stops there, the result follows inline (``24``) and the policy writes on."""
+
     tools = [calculate]
     system = TOOL_SYSTEM.format(open=CALL_OPEN, close=CALL_CLOSE)
+
+    def __init__(self, inline: bool = False) -> None:
+        super().__init__()
+        if inline:
+            self.call_open, self.call_close, self.plain_calls = "<<", ">>", True
+            self.stop, self.observation_role = [">>"], ""
+            self.system = ("To compute, write the expression between << and >>; the result appears right after "
+                           "it. Example: 'Tom has 3 bags of 4 apples. How many apples?' -> 'Tom has 3 * 4 = "
+                           "<<3*4>>12 apples.\n#### 12'. End with '#### <number>'.")
+
+    def step(self, text: str) -> Step:
+        if self.plain_calls and text.rstrip().endswith(">>") and "<<" in text:  # stopped at a call: result inline
+            return super().step(text[text.rindex("<<"):])
+        return super().step(text) if not self.plain_calls else Step(None, 0.0, True)
 
 
 @register("python")

@@ -202,3 +202,16 @@ def test_the_readme_example_runs_as_written(capsys):
     code = readme.split("Writing an environment and a tool")[1].split("```python")[1].split("```")[0]
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
     assert capsys.readouterr().out.splitlines() == ["rain, 12 C", "1.0"]
+
+
+def test_the_inline_calculator_answers_a_call_right_after_it():
+    """GSM8K's annotation format: the turn stops at '>>' (the engine's stop string), the result is the
+    observation, inline (role ''), and the policy writes on; a turn that does not end in a call ends the episode."""
+    env = make_env("calculator", {"inline": True})
+    env.reset({"prompt_id": 0, "question": "q"})
+    assert env.stop == [">>"] and env.observation_role == ""
+    step = env.step("She sold 48/2 = <<48/2>>")
+    assert (step.observation, step.role, step.done, step.info["tool_calls"]) == ("24", "", False, 1)
+    assert env.step("so 48 + 24 = <<48 + oops>>").observation.startswith("error: ")
+    assert env.step("#### 72").done
+    assert make_env("calculator").stop == []  # the default calculator: Hermes calls, results as tool messages
