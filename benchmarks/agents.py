@@ -14,6 +14,11 @@ SmolLM2-135M-Instruct fp32 (`--quick`: the tiny Llama), 8 prompts x 4 samples, E
   `run_episodes(barrier=True)`): the barrier waits for a slow call in every round, oirl for the slowest episode.
 
 Policy tokens per second of wall time (median of ``rounds`` after a warm-up round) for each, in DIR/agents.json.
+
+    deploy/loopback.sh python -m benchmarks.agents --out DIR --learning [--seeds 0 1 2] [--iterations 16]
+
+runs `oirl train --config configs/agent_smoke.yaml` once per seed and writes each iteration's tool calls per
+episode, turns and reward to DIR/agents_learning.json and DIR/agents_learning.png.
 """
 
 from __future__ import annotations
@@ -110,11 +115,60 @@ def run(w: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def learning(out: Path, seeds: list[int], iterations: int) -> dict[str, Any]:
+    """configs/agent_smoke.yaml trained once per seed (the real CLI, Ray included): per-iteration curves."""
+    import subprocess
+    import sys
+
+    from oirl.config import REPO_ROOT
+
+    keys = ("rollout/tool_calls_mean", "rollout/turns_mean", "reward/raw_mean", "kl/mean", "timing_s/iteration")
+    runs: dict[str, Any] = {}
+    for seed in seeds:
+        run_dir = out / f"agent_smoke_seed{seed}"
+        proc = subprocess.run([sys.executable, "-m", "oirl.cli", "train", "--config",
+                               str(REPO_ROOT / "configs" / "agent_smoke.yaml"), "--out", str(run_dir), "--no-progress",
+                               f"seed={seed}", f"iterations={iterations}"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"seed {seed}: oirl train failed:\n{proc.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        runs[str(seed)] = {k: [r[k] for r in rows] for k in keys}
+    result = {"config": "configs/agent_smoke.yaml", "iterations": iterations, "seeds": seeds, "runs": runs}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for seed, r in runs.items():
+        axes[0].plot(r["rollout/tool_calls_mean"], label=f"seed {seed}")
+        axes[1].plot(r["reward/raw_mean"], label=f"seed {seed}")
+    axes[0].set(title="tool calls per episode (at most 3 turns)", xlabel="iteration")
+    axes[1].set(title="reward (call bonus)", xlabel="iteration")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "agents_learning.png", dpi=100)
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--learning", action="store_true", help="the tool-call learning curves, one run per seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--iterations", type=int, default=16)
     args = ap.parse_args()
+    if args.learning:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        res = learning(out, args.seeds, args.iterations)
+        (out / "agents_learning.json").write_text(json.dumps(res, indent=2) + "\n")
+        for seed, r in res["runs"].items():
+            calls = r["rollout/tool_calls_mean"]
+            print(f"seed {seed}: tool calls per episode {calls[0]:.2f} -> {calls[-1]:.2f}")
+        return 0
     result = run(dict(QUICK if args.quick else WORKLOAD))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
