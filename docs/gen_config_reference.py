@@ -84,8 +84,8 @@ def _escape(text: str) -> str:
     for i in range(0, len(parts), 2):  # outside code spans
         p = parts[i].replace("\\", "\\\\").replace("*", "\\*").replace("|", "\\|")
         parts[i] = _escape_tags(p)
-    for i in range(1, len(parts), 2):
-        parts[i] = parts[i].replace("|", "\\|")
+    for i in range(1, len(parts), 2):  # a pipe inside a code span ends the span around it (see _value)
+        parts[i] = parts[i].replace("|", "`\\|`")
     return "`".join(parts)
 
 
@@ -101,7 +101,8 @@ def _value(v: Any) -> str:
     if isinstance(v, bool):
         return "`true`" if v else "`false`"
     if isinstance(v, str):
-        return f"`{json.dumps(v)}`".replace("|", "\\|")
+        # MkDocs keeps a '\|' inside a code span as it is, GitHub needs the escape: the pipe goes outside the span
+        return f"`{json.dumps(v)}`".replace("|", "`\\|`")
     return f"`{v!r}`"
 
 

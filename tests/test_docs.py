@@ -74,7 +74,7 @@ def test_a_row_holds_the_fields_docstring_type_default_and_range(tmp_path, monke
     assert rows[2:] == [
         "| `s.steps` | int | `3` | >= 1 (one step at least) | How many steps; see the second line. |",
         "| `s.scale` | float | `-0.5` | any value (negative: a penalty) | "
-        "A scale with a \\| pipe, a &lt;tag>, 2\\*3\\*4 and `a\\|b <c>` in code. |",
+        "A scale with a \\| pipe, a &lt;tag>, 2\\*3\\*4 and `a`\\|`b <c>` in code. |",
         "| `s.frac` | float | `0.5` | in [0, 1) | A fraction. |",
         '| `s.name` | str | `"x"` |  |  |',
         "| `s.undocumented` | bool | `false` |  |  |",
