@@ -88,7 +88,9 @@ def start_ray(address: str, num_cpus: int) -> bool:
         # A `ray job submit` entrypoint already runs in the job's runtime env (working_dir or image): join as is.
         ray.init(address=address, log_to_driver=True)
         return False
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), **OFFLINE_ENV}
+    # The caller's PYTHONPATH too: user code named in the config (reward.function, rollout.env) imports in actors.
+    path = [str(Path(__file__).resolve().parent.parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(path)), **OFFLINE_ENV}
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
              _temp_dir=f"/tmp/oirl-ray-{os.getpid()}")
     return True

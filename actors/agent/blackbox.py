@@ -3,7 +3,8 @@
     rollout.env: agent:my_package.my_agent:run     # def run(base_url: str, row: dict) -> float | dict
     rollout.env_args: '{"max_steps": 3}'           # more keyword arguments for run (optional)
 
-Each episode runs ``run(base_url, row)`` in its own thread. ``base_url`` points at an OpenAI-compatible endpoint in
+Each episode runs ``run(base_url, row)`` in its own thread (row: the prompt's data row, {'prompt_id', 'question',
+'answer'}, and the episode's 'sample_index'). ``base_url`` points at an OpenAI-compatible endpoint in
 this process (actors/agent/openai_server.py) that serves this episode only; the agent calls it with the openai
 client (``openai.OpenAI(base_url=base_url, api_key="oirl").chat.completions.create(...)``) as it would call any
 server. Each request is rendered through the chat template and decoded by the same engine step loop as the other
@@ -189,7 +190,8 @@ class _AgentRun:
         self.budget = episode_budget(cfg)
         self.max_len = int(self.engine.model_config.max_model_len)
         self.model_name = model_name
-        self.queue: queue.Queue[_Turn | _Episode] = queue.Queue()
+        self.queue: queue.Queue[_Turn | _Episode | None] = queue.Queue()
+        """Requests to decode, episodes whose agent returned, None to wake the loop (a fatal error)."""
         self.by_token: dict[str, _Episode] = {}
         self.fatal = ""
         self.render_lock = threading.Lock()  # one tokenizer, used by every handler thread
@@ -233,6 +235,7 @@ class _AgentRun:
                 self.fatal = (f"episode {ep.name}: the agent's first messages are {len(ids)} tokens; with the "
                               f"episode's {self.budget} that exceeds the engine's {self.max_len}; raise "
                               f"data.max_prompt_tokens to at least {len(ids)}")
+                self.queue.put(None)
                 self._fail(ep, self.fatal)
             ep.prompt = ids
         else:
@@ -286,6 +289,8 @@ class _AgentRun:
             except queue.Empty:
                 pass
             for item in items:
+                if item is None:
+                    continue
                 if isinstance(item, _Episode):
                     self._settle(item)
                     continue
@@ -407,7 +412,7 @@ def run_agent_episodes(llm: Any, cfg: Any, rows: list[dict[str, Any]], seeds: li
 
     def drive(ep: _Episode, base_url: str) -> None:
         try:
-            ep.outcome = (True, ep.agent.run(base_url, dict(ep.row)))
+            ep.outcome = (True, ep.agent.run(base_url, {**ep.row, "sample_index": ep.sample_index}))
         except BaseException as e:  # noqa: BLE001 (the agent's own failure ends its episode, not the run)
             ep.outcome = (False, e)
         run.queue.put(ep)
