@@ -195,12 +195,12 @@ def test_returns_and_advantages_flow_over_the_environments_tokens():
     assert g[0].tolist() == pytest.approx([0.125, 0.25, 0, 0, 0, 0.5, 1.0])
 
 
-def test_the_readme_example_runs_as_written(capsys):
+def test_the_docs_example_runs_as_written(capsys):
     from oirl.config import REPO_ROOT
 
-    readme = (REPO_ROOT / "README.md").read_text()
+    readme = (REPO_ROOT / "docs" / "writing.md").read_text()
     code = readme.split("Writing an environment and a tool")[1].split("```python")[1].split("```")[0]
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    exec(compile(code, "docs/writing.md", "exec"), {"__name__": "readme_example"})
     assert capsys.readouterr().out.splitlines() == ["rain, 12 C", "1.0"]
 
 

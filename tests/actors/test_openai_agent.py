@@ -2,7 +2,7 @@
 served by a real tiny vLLM engine in-process. The learner's ids are exactly the first request's rendered prompt,
 each completion as the engine returned it and the template's ids of the messages in between; the mask marks the
 completions; the logprobs are the engine's; the reward is the agent's. An agent that rewrites history, hangs,
-raises, or asks for too much fails its own episode and the batch goes on; the README's agent trains end to end."""
+raises, or asks for too much fails its own episode and the batch goes on; the docs' agent (docs/agents.md) trains end to end."""
 
 from __future__ import annotations
 
@@ -341,7 +341,7 @@ def test_an_episode_without_a_completion_fails_the_batch_naming_it(llm, caplog):
         run_episodes(llm, config("long_prompt"), rows, [0], 0, 0)
 
 
-# ---- end to end: the README's agent trains ----------------------------------------------------------------------
+# ---- end to end: the docs' agent trains -------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -350,8 +350,8 @@ def test_the_readme_agent_trains_with_grpo(tmp_path):
 
     if not in_loopback_namespace():
         pytest.skip("starts Ray: run as `deploy/loopback.sh python -m pytest`")
-    readme = (REPO_ROOT / "README.md").read_text()
-    code = readme.split("### Black-box agents")[1].split("```python")[1].split("```")[0]
+    readme = (REPO_ROOT / "docs" / "agents.md").read_text()
+    code = readme.split("## Black-box agents")[1].split("```python")[1].split("```")[0]
     (tmp_path / "my_agent.py").write_text(code)
     out = tmp_path / "out"
     cmd = [*oirl_cmd(), "train", "--config", str(REPO_ROOT / "configs" / "agent_smoke.yaml"), "--out", str(out),
