@@ -30,7 +30,6 @@ returns one. An episode must make at least one completion: a batch with an episo
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import logging
 import queue
@@ -70,17 +69,12 @@ class BlackBoxAgent(Environment):
 
 def agent_factory(spec: str) -> Any:
     """'agent:package.module:function' -> a factory of BlackBoxAgent (keywords: rollout.env_args)."""
+    from actors.agent.env import import_callable
+
     target = spec[len(AGENT_PREFIX):]
-    module, _, name = target.partition(":")
-    if not module or not name:
+    if ":" not in target:
         raise ValueError(f"rollout.env={spec!r}: write agent:package.module:function")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"rollout.env={spec!r} cannot be imported: {e}") from e
-    if not callable(fn):
-        raise ValueError(f"rollout.env={spec!r} is not callable")
-    return functools.partial(BlackBoxAgent, fn, spec)
+    return functools.partial(BlackBoxAgent, import_callable(target, spec), spec)
 
 
 @dataclass

@@ -305,7 +305,14 @@ def env_factory(spec: str) -> Callable[[], Environment]:
     if ":" not in spec:
         raise ValueError(f"rollout.env={spec!r} is not a registered environment ({', '.join(sorted(ENVIRONMENTS))}) "
                          "nor 'package.module:factory'")
-    module, name = spec.split(":", 1)
+    return import_callable(spec, spec)
+
+
+def import_callable(target: str, spec: str) -> Callable[..., Any]:
+    """'package.module:name' -> that callable; ValueError naming rollout.env=spec."""
+    module, _, name = target.partition(":")
+    if not module or not name:
+        raise ValueError(f"rollout.env={spec!r}: write package.module:name")
     try:
         factory = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
