@@ -72,10 +72,12 @@ def saved_bytes_per_token_layer(arch: Architecture, dtype, seq: int, checkpointi
         model.train()
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         storages: dict[int, int] = {}
+        kept = []  # every saved tensor stays alive until counted: no address is reused for another one
 
         def pack(t):
             if t.untyped_storage().data_ptr() not in params:
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                kept.append(t)
             return t
 
         ids = torch.randint(0, arch.vocab, (rows, seq))
