@@ -16,7 +16,7 @@ The trajectory is assembled from the requests, never re-tokenised: the first req
 prompt; each completion's ids are the policy's (loss_mask 1, the engine's logprobs); every later request must
 extend the conversation so far (the earlier messages as sent, then the completion as returned, then any new
 messages), and the template's ids of what it adds after the completion (the end of the assistant's message, the new
-messages, the next generation prompt; computed as ``Renderer.observation_ids`` does) are the environment's
+messages, the next generation prompt; computed by ``Renderer.between_ids``) are the environment's
 (loss_mask 0). An episode whose request rewrites history (edits or drops a message, changes the completion or the
 tools, or overlaps its own requests) fails: the request gets a 400 naming why, the episode ends with what it had
 (finish_reason 'env_error', env_reward 0, counted in rollout/tool_errors) and a warning says why. So does an agent
@@ -151,28 +151,12 @@ def extension_error(ep: _Episode, req: ChatRequest) -> str:
 
 
 def between_ids(render: Renderer, ep: _Episode, new: list[dict[str, Any]]) -> list[int]:
-    """The ids the template writes after the last completion up to the next generation: the end of the assistant's
-    message (unless the policy generated it), ``new`` messages, the generation prompt. Only that suffix's text is
-    tokenized: the completion keeps its generated ids."""
-    tok = render.tok
-    before = render.render(ep.messages, ep.tools, True) + ep.last_text
-    after = render.render(ep.messages + [{"role": "assistant", "content": ep.last_text}] + new, ep.tools, True)
-    if after.startswith(before):
-        suffix = after[len(before):]
-    else:  # a template that rewrites earlier turns: its delta after a stock turn (as Renderer.observation_ids)
-        mark = "OIRL_TURN_END"
-        stock = [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}]
-        base = render.render(stock, None, False)
-        whole = render.render(stock + new, None, True)
-        if not whole.startswith(base) or mark not in base:
-            raise RequestError(400, "the chat template renders a conversation so that a later message changes the "
-                                    "text of earlier ones; black-box agents need a template whose turns append")
-        suffix = base.split(mark)[-1] + whole[len(base):]
-    if ep.last_id is not None and ep.last_id in tok.all_special_ids:  # the policy generated its message's end
-        piece = tok.convert_ids_to_tokens(ep.last_id)
-        if suffix.startswith(piece):
-            suffix = suffix[len(piece):]
-    return [int(t) for t in tok.encode(suffix, add_special_tokens=False)]
+    """The ids the template writes after the last completion up to the next generation (Renderer.between_ids); a
+    template whose turns do not append is the request's error."""
+    try:
+        return render.between_ids(ep.messages, ep.tools, ep.last_text, ep.last_id, new)
+    except ValueError as e:
+        raise RequestError(400, f"{e} (black-box agents too)") from None
 
 
 class _AgentRun:

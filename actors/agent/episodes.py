@@ -62,6 +62,7 @@ class Renderer:
 
     def __init__(self, tokenizer: Any):
         self.tok = tokenizer
+        self.takes_tools: bool | None = None  # whether the template renders `tools` (found once, on first use)
 
     def render(self, messages: list[dict[str, str]], tools: list[dict] | None, generation: bool) -> str:
         return self.tok.apply_chat_template(messages, tools=tools or None, tokenize=False,
@@ -71,7 +72,9 @@ class Renderer:
         """The messages with the tools offered: through the template's tool format, or, for a template that
         ignores ``tools``, a system message listing their schemas."""
         tools = [t.schema() for t in env.tools]
-        if not tools or self.render(messages, tools, True) != self.render(messages, None, True):
+        if tools and self.takes_tools is None:  # a property of the template: not rendered twice per episode
+            self.takes_tools = self.render(messages, tools, True) != self.render(messages, None, True)
+        if not tools or self.takes_tools:
             return messages, tools
         listing = "Tools (JSON schema):\n" + "\n".join(json.dumps(t["function"]) for t in tools)
         if messages and messages[0]["role"] == "system":
@@ -81,27 +84,29 @@ class Renderer:
     def prompt_ids(self, messages: list[dict[str, str]], tools: list[dict]) -> list[int]:
         return [int(t) for t in self.tok.encode(self.render(messages, tools, True), add_special_tokens=False)]
 
-    def observation_ids(self, messages: list[dict[str, str]], tools: list[dict], text: str, ended_with_eos: bool,
-                        observation: dict[str, str]) -> list[int]:
-        """The ids the template puts between the policy's turn (``text``, the last of ``messages`` not yet in
-        them) and the next turn's first generated token: the end of the policy's message (unless its EOS was
-        generated), the observation's message and the generation prompt."""
+    def between_ids(self, messages: list[dict[str, str]], tools: list[dict], text: str, last_id: int | None,
+                    new: list[dict[str, str]]) -> list[int]:
+        """The ids the template puts between the policy's turn (``text``, whose last generated id is ``last_id``;
+        not yet in ``messages``) and the next turn's first generated token: the end of the policy's message (unless
+        the policy generated it: a special token), the ``new`` messages and the generation prompt. Only that
+        suffix's text is tokenized; the turn keeps its generated ids."""
         before = self.render(messages, tools, True) + text
-        after = self.render(messages + [{"role": "assistant", "content": text}, observation], tools, True)
+        after = self.render(messages + [{"role": "assistant", "content": text}] + new, tools, True)
         if not after.startswith(before):  # a template that rewrites earlier turns: its delta after a stock turn
             mark = "OIRL_TURN_END"
             stock = [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}]
             base = self.render(stock, None, False)
-            whole = self.render(stock + [observation], None, True)
+            whole = self.render(stock + new, None, True)
             if not whole.startswith(base) or mark not in base:
                 raise ValueError("the chat template renders a conversation so that a later message changes the text "
                                  "of earlier ones; multi-turn rollouts need a template whose turns append")
             suffix = base.split(mark)[-1] + whole[len(base):]  # the end of the policy's message, then the rest
         else:
             suffix = after[len(before):]
-        eos = self.tok.eos_token or ""
-        if ended_with_eos and eos and suffix.startswith(eos):
-            suffix = suffix[len(eos):]
+        if last_id is not None and last_id in self.tok.all_special_ids:  # the policy generated its message's end
+            piece = self.tok.convert_ids_to_tokens(last_id)
+            if suffix.startswith(piece):
+                suffix = suffix[len(piece):]
         return [int(t) for t in self.tok.encode(suffix, add_special_tokens=False)]
 
     def cut(self, text: str, max_tokens: int) -> str:
@@ -260,7 +265,7 @@ def _advance(ep: Episode, fut: concurrent.futures.Future, text: str, ended_eos: 
         return
     observation = {"role": step.role, "content": render.cut(step.observation, cfg.max_observation_tokens)}
     if step.role:  # a message of its own, as the template writes it
-        ids = render.observation_ids(ep.messages, tools, text, ended_eos, observation)
+        ids = render.between_ids(ep.messages, tools, text, ep.resp[-1] if ep.resp else None, [observation])
         ep.messages = ep.messages + [{"role": "assistant", "content": text}, observation]
     else:  # inline: the text itself, and the policy goes on with the same message
         ids = [int(t) for t in render.tok.encode(observation["content"], add_special_tokens=False)]
