@@ -207,6 +207,17 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             batch = pool.collect(drawn[0], resync, settle=transport == "collective")
             return add_column(batch, "reference", [drawn[1][i] for i in batch.column("prompt_id").to_pylist()])
 
+        def take_rewards(batch: pa.Table, ref: Any, what: str, whole_groups: bool,
+                         split: int) -> tuple[pa.Table, np.ndarray, Any, dict]:
+            """The reward actor's answer to ``ref`` (its score of ``batch``), the environment's rewards added, the
+            raw reward (before normalisation and clipping: what curves show) as a column, and failed samples
+            dropped under reward.on_failure=drop (``whole_groups``: with their prompt group): (batch, rewards,
+            moments, failed)."""
+            rewards, state, failed, raw = get_all([ref], cfg.reward.timeout_s + 60.0, what, ["the reward actor"])[0]
+            rewards, raw = with_env_reward(batch, rewards, raw)
+            batch, rewards = drop_failed(add_column(batch, "reward_raw", raw), rewards, failed, whole_groups, split)
+            return batch, rewards, state, failed
+
         def refill(k: int, batch: pa.Table, rewards: np.ndarray, state: Any) -> tuple[Any, ...]:
             """DAPO's dynamic sampling (learner.dynamic_sampling): while fewer than data.prompts_per_iteration groups
             of ``batch`` have rewards that differ, generate (with the version the engines serve) and score more
@@ -218,11 +229,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                 prompts = dataset.next_batch()
                 seeds = seeds_for(cfg.seed, k, [p.prompt_id for p in prompts], round_=len(rounds))
                 extra = finish((pool.submit(prompts, k, served, seeds), {p.prompt_id: p.reference for p in prompts}))
-                x_rewards, state, failed, raw = get_all([reward.score_batch.remote(extra, state)],
-                                                        cfg.reward.timeout_s + 60.0, f"reward (iteration {k}, refill)",
-                                                        ["the reward actor"])[0]
-                x_rewards, raw = with_env_reward(extra, x_rewards, raw)
-                extra, x_rewards = drop_failed(add_column(extra, "reward_raw", raw), x_rewards, failed, True, 1)
+                extra, x_rewards, state, _ = take_rewards(extra, reward.score_batch.remote(extra, state),
+                                                          f"reward (iteration {k}, refill)", True, 1)
                 rounds.append((add_column(extra, "reward", x_rewards), x_rewards))
             batch, rewards, frac = fill_groups(rounds, target)
             return batch, rewards, state, {"rollout/dynamic_rounds": float(len(rounds)),
@@ -265,14 +273,10 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                     ray.kill(reward, no_restart=False)  # Ray restarts it and retries the call
                 # The actor retries transient backend failures within reward.timeout_s, then raises naming the
                 # sample; the extra minute lets that answer (and the scoring after the last retry) arrive.
-                rewards, reward_state, failed, raw = get_all([ref], cfg.reward.timeout_s + 60.0,
-                                                             f"reward (iteration {it})", ["the reward actor"])[0]
-                rewards, raw = with_env_reward(batch, rewards, raw)
-                batch = add_column(batch, "reward_raw", raw)  # before normalisation and clipping: what curves show
-                # reward.on_failure=drop: failed samples leave the batch (group-relative: with their prompt group)
                 scored = batch.num_rows
-                batch, rewards = drop_failed(batch, rewards, failed, cfg.learner.algorithm in GROUP_ALGORITHMS,
-                                             cfg.learner.num_ranks * cfg.learner.num_minibatches)
+                batch, rewards, reward_state, failed = take_rewards(
+                    batch, ref, f"reward (iteration {it})", cfg.learner.algorithm in GROUP_ALGORITHMS,
+                    cfg.learner.num_ranks * cfg.learner.num_minibatches)
                 reward_stats = {"reward/failed": float(len(failed)), "reward/dropped": float(scored - batch.num_rows)}
                 if failed:
                     logger.warning("iteration %d: %d rewards failed, %d of %d samples left the batch (first: %s)",
