@@ -486,12 +486,10 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
            "reward.kind=none needs another backend: set reward.model_path, reward.function or reward.url (or "
            "rollout.env, whose environment rewards the episodes)")
     if r.env:  # the environment exists and takes its arguments, before anything starts
-        import json as _json
-
         from actors.agent.env import make_env
 
         try:
-            args = _json.loads(r.env_args) if r.env_args else {}
+            args = json.loads(r.env_args) if r.env_args else {}
         except ValueError as e:
             raise ConfigError(f"rollout.env_args={r.env_args!r} is not JSON ({e}); write a JSON object such as "
                               "'{\"call_bonus\": 0.5}'") from None
