@@ -21,6 +21,10 @@ def test_zero3_export_and_save_gather_one_layer_at_a_time(tmp_path, tiny_model_p
 
     from learner.learner_worker import LearnerConfig, LearnerWorker
 
+    # ZeRO-3's zero.Init swaps torch.nn.functional.linear for DeepSpeed's own for the rest of the process (which
+    # saves one activation fewer under autocast); monkeypatch puts torch's back when the test ends, so the tests
+    # after this one in the same process (tests/oirl/test_memory_plan.py counts what autograd saves) see torch's.
+    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
     cfg = LearnerConfig(num_ranks=1, zero_stage=3, kl_coef=0.0, algorithm="ppo", timeout_s=300)
     worker = LearnerWorker(cfg, 0, tiny_model_path, "float32", 0, 1.0, "z3export")
     with socket.socket() as s:
