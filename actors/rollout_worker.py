@@ -311,7 +311,7 @@ class RolloutWorker:
         self.version = update.version
         return {"engine": self.engine_index, "version": update.version, "fetch_s": t_fetch - t0,
                 "verify_s": max(r["verify_s"] for r in reports), "reload_s": max(r["reload_s"] for r in reports),
-                "seconds": time.perf_counter() - t0}
+                "digest_s": max(r["digest_s"] for r in reports), "seconds": time.perf_counter() - t0}
 
     # ---- benchmark hooks (benchmarks/sync.py) -------------------------------------------------------------------
 

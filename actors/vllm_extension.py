@@ -64,7 +64,8 @@ class WeightReceiver:
         checksum would need a second fingerprint on the learner.
 
         fault_skip_reload (OIRL_FAULT=stale-engine): everything as usual but the reload itself, then report
-        success: the fingerprint cannot see it (the bytes arrived intact); the logprob checks must.
+        success: the fingerprint cannot see it (the bytes arrived intact); the served digest read back from the
+        model before and after the load must (oirl_served, checked in oirl/sync.py).
         """
         from oirl.weights import bucket_from_wire, fingerprint, host_bytes, unpack_bucket
 
@@ -81,12 +82,19 @@ class WeightReceiver:
         t_hash = time.perf_counter()
         sources = received if received is not None else buffers
         named = itertools.chain.from_iterable(unpack_bucket(b, src) for b, src in zip(buckets, sources))
+        # What the engine served before this load, read back from the model itself: oirl_served() reports it beside
+        # what it serves after, and the driver compares them (oirl/sync.py): new bytes that left the served weights
+        # unchanged are a reload that did not happen, whatever the precision (one small update hides in bf16 noise
+        # from the logprob checks).
+        before = served_digest(self.model_runner.model)
+        t_digest = time.perf_counter()
         if not fault_skip_reload:
             self.model_runner.reload_weights(weights_iterator=_with_tied_head(named))
+        self.oirl_previous = (getattr(self, "oirl_fingerprint", ""), before)
         self.oirl_version = version
         self.oirl_fingerprint = computed
         return {"version": version, "fingerprint": computed, "verify_s": t_hash - t0,
-                "reload_s": time.perf_counter() - t_hash}
+                "reload_s": time.perf_counter() - t_digest, "digest_s": t_digest - t_hash}
 
     # ---- benchmark hooks (benchmarks/sync.py): the floor and the per-parameter baseline ---------------------------
 
@@ -120,8 +128,50 @@ class WeightReceiver:
         return len(staged)
 
     def oirl_served(self) -> dict:
-        """The version and the worker-computed fingerprint of the weights it last loaded (-1 before any sync)."""
-        return {"version": getattr(self, "oirl_version", -1), "fingerprint": getattr(self, "oirl_fingerprint", "")}
+        """The version and the worker-computed fingerprint of the weights it last loaded (-1 before any sync); the
+        digest of the weights the model holds now and, from before that load, the fingerprint and the digest."""
+        previous_fingerprint, previous_digest = getattr(self, "oirl_previous", ("", ""))
+        return {"version": getattr(self, "oirl_version", -1), "fingerprint": getattr(self, "oirl_fingerprint", ""),
+                "served_digest": served_digest(self.model_runner.model),
+                "previous_fingerprint": previous_fingerprint, "previous_digest": previous_digest}
+
+
+def served_digest(model: Any, chunk: int = 1 << 24) -> str:
+    """A digest of every parameter and buffer the model holds, computed where they live. In host memory: XXH3 over
+    their bytes (memory speed). On a GPU, without a host copy: per tensor the sum of its raw bits and their sum
+    weighted by position (mod 65521), in int64, on the device; a changed element changes its tensor's weighted sum
+    unless other changes cancel it exactly. Equal weights give equal digests either way, so a reload that loaded
+    new bytes cannot keep the digest of the weights before it."""
+    import torch
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    for name, t in sorted(((n, t) for n, t in tensors if t.numel() > 0), key=lambda nt: nt[0]):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}:{flat.dtype}:{flat.numel()};".encode())
+        if flat.device.type == "cpu":
+            h.update(memoryview(flat.contiguous().view(torch.uint8).numpy()))
+            continue
+        h.update(device_bit_sums(flat, chunk).encode())
+    return h.hexdigest()
+
+
+def device_bit_sums(flat: Any, chunk: int = 1 << 24) -> str:
+    """served_digest's summary of one flat tensor where it lives: the sum of its raw bits and their sum weighted by
+    position (mod 65521, + 1), in int64 (wrapping), computed in chunks (temporaries: chunk x 8 bytes)."""
+    import torch
+
+    views = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    bits = flat.view(views[flat.element_size()])
+    total = torch.zeros((), dtype=torch.int64, device=bits.device)
+    weighted = torch.zeros((), dtype=torch.int64, device=bits.device)
+    for start in range(0, bits.numel(), chunk):
+        part = bits[start:start + chunk].to(torch.int64)
+        pos = torch.arange(start, start + part.numel(), dtype=torch.int64, device=bits.device) % 65521 + 1
+        total += part.sum()
+        weighted += (part * pos).sum()
+    return f"{int(total)}:{int(weighted)};"
 
 
 def _with_tied_head(named):

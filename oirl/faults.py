@@ -6,8 +6,9 @@
                                                mid-update, reward -> the reward actor mid-score
     OIRL_FAULT=stale-engine:<iteration>        at the sync after <iteration>, every engine's worker receives and
                                                hashes the new weights but skips the reload, and reports success:
-                                               the silent stale-weights failure; the logprob checks (the on-policy
-                                               check, the canary) must stop the run within the next iteration
+                                               the silent stale-weights failure; the served-weights digest (the
+                                               model's own weights, unchanged while new bytes arrived) must stop
+                                               the run at that sync
     OIRL_FAULT=no-loss-mask                    multi-turn episodes: the driver drops the batch's loss_mask, so the
                                                learner takes the environment's tokens for the policy's (what a
                                                trainer without the mask does); the on-policy check must stop it

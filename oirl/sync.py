@@ -198,11 +198,18 @@ def sync_weights(learner: Any, engines: list[Any], version: int, cfg: Any, trans
             if w["version"] != version or w["fingerprint"] != update.fingerprint:
                 raise SyncError(f"engine {report['engine']} serves version {w['version']} fingerprint "
                                 f"{w['fingerprint']}, expected version {version} fingerprint {update.fingerprint}")
+            # New bytes arrived (the fingerprint moved) but the weights the model holds did not: the reload did not
+            # happen. Exact in any precision, where the logprob checks see one small update only above bf16 noise.
+            if w["previous_fingerprint"] not in ("", w["fingerprint"]) and w["served_digest"] == w["previous_digest"]:
+                raise SyncError(f"engine {report['engine']} reports version {version} loaded but serves the very "
+                                f"weights it served before (digest {w['served_digest']}): its reload did not happen "
+                                "(a stale engine); replace it or rerun with --resume")
     seconds = t_load - t0
     stats = {"sync/bytes": float(update.nbytes), "sync/seconds": seconds,
              "sync/gbps": update.nbytes / max(seconds, 1e-9) / 1e9, "sync/export_s": t_export - t0,
              "sync/pack_s": update.pack_seconds, "sync/engine_reload_s": max(x["reload_s"] for x in loads),
-             "sync/engine_verify_s": max(x["verify_s"] for x in loads), "sync/num_buckets": len(update.buckets)}
+             "sync/engine_verify_s": max(x["verify_s"] for x in loads), "sync/num_buckets": len(update.buckets),
+             "sync/engine_digest_s": max(x["digest_s"] for x in loads)}
     if expected_bytes is not None:
         stats["sync/expected_bytes"] = expected_bytes
     stats["sync/served_check_s"] = time.perf_counter() - t_load

@@ -312,27 +312,22 @@ def test_one_step_off_async_is_one_version_behind_learns_and_resumes_exactly(tmp
 @pytest.mark.parametrize("mode", ["strict", "one_step_off"])
 def test_an_engine_that_silently_keeps_stale_weights_stops_the_run_naming_it(mode, dtype, tmp_path):
     """OIRL_FAULT=stale-engine:<it>: at the sync after iteration <it> the engine's worker receives and hashes the new
-    weights (so the fingerprint matches) but does not load them, and reports success. The canary is off
-    (sync.canary_every=0), so what must catch it is, strictly on-policy, the next iteration's check of every sampled
-    token; in one-step-off mode (where that check cannot compare the rows), the canary the driver runs at every
-    sync whatever sync.canary_every says. bf16 end to end: configs/smoke_bf16.yaml, whose checks judge statistics of
-    every compared token with thresholds measured in benchmarks/results/check_calibration.json (bf16 noise passes
-    them: its first iteration is checked and logged)."""
-    it = 0 if mode == "strict" else 1
+    weights (so the fingerprint matches) but does not load them, and reports success. What catches it is the digest
+    the worker reads back from its model before and after the load (unchanged while new bytes arrived), at that
+    very sync, in fp32 and in bf16, strictly on-policy and one-step-off. The logprob checks could not be relied on
+    here: one update of the default job hides in bf16 noise (docs/checks.md has the numbers). bf16 end to end:
+    configs/smoke_bf16.yaml, whose statistics-based checks pass its noise (its first iteration is checked and
+    logged)."""
+    it = 1
     extra = ["rollout.async_steps=1"] if mode == "one_step_off" else []
     config = str(REPO_ROOT / "configs" / "smoke_bf16.yaml") if dtype == "bfloat16" else SMOKE
     proc = run_with_fault(tmp_path, f"stale-engine:{it}", "iterations=4", "checkpoint_every=0", "sync.canary_every=0",
                           *extra, config=config)
     assert proc.returncode == 1, proc.stderr[-6000:]
     assert f"every engine skips the reload of the sync after iteration {it}" in proc.stderr
-    if mode == "strict":
-        assert re.search(r"iteration 1: on-policy check failed on engine 0 \(\d+\.\d+% over, KL ", proc.stderr), \
-            proc.stderr[-4000:]
-        assert [r["iteration"] for r in metrics(tmp_path)] == [0]
-    else:
-        assert re.search(r"canary: engine 0 logprobs differ from the learner's by [0-9.e-]+ at most: [0-9.]+% of \d+ "
-                         r"tokens over sync.canary_tolerance=", proc.stderr), proc.stderr[-4000:]
-        assert [r["iteration"] for r in metrics(tmp_path)] == [0]  # the sync of iteration 1 stopped it
+    assert re.search(r"engine 0 reports version \d+ loaded but serves the very weights it served before \(digest "
+                     r"[0-9a-f]+\): its reload did not happen", proc.stderr), proc.stderr[-4000:]
+    assert [r["iteration"] for r in metrics(tmp_path)] == [0], proc.stderr[-3000:]  # the sync of iteration 1
     first = metrics(tmp_path)[0]  # checked and passed before the fault: the noise of this precision
     assert first["rollout/on_policy_checked"] == 1 and first["rollout/engine_learner_logprob_tokens_checked"] > 0
 

@@ -27,7 +27,7 @@ class CorruptingRolloutWorker(RolloutWorker):
     def _reload(self, wire, arrays, version, fault_skip_reload=False):
         if self.lose:
             self.lose = False
-            return [{"fingerprint": self.expected, "verify_s": 0.0, "reload_s": 0.0}]
+            return [{"fingerprint": self.expected, "verify_s": 0.0, "reload_s": 0.0, "digest_s": 0.0}]
         if self.corrupt:
             self.corrupt = False
             # Byte 0 is the low mantissa byte of the first float32: a change no logprob canary would notice.

@@ -187,6 +187,34 @@ def test_a_reload_the_worker_never_did_fails_the_served_check(setup):
     assert ray.get(engine.served.remote(), timeout=60)["workers"][0]["version"] == version
 
 
+def test_a_reload_skipped_inside_the_worker_fails_the_served_check(setup, monkeypatch):
+    from oirl import faults
+
+    """OIRL_FAULT=stale-engine's failure one level down: the worker receives and hashes the new bytes (so version and
+    fingerprint are right) but its model keeps the old weights. The digest it reads back from the model before and
+    after the load is unchanged while the bytes moved: refused at the sync, in any precision. Without an update in
+    between (the same bytes again), an unchanged digest is what a correct reload gives, and passes."""
+    engine, learner = setup
+    version = ray.get(engine.served.remote(), timeout=60)["workers"][0]["version"] + 1
+    cfg = SyncConfig(bucket_mb=1)
+    sync_weights(learner, [engine], version, cfg, "object_store", canary=None)
+    sync_weights(learner, [engine], version + 1, cfg, "object_store", canary=None)  # same bytes: passes
+    batch = generate(engine, version + 1)
+    rewards = np.array([len(x) % 3 for x in batch.column("response_token_ids").to_pylist()], dtype=np.float32)
+    learner.call_rank0("prepare", add_column(batch, "reward", rewards), version + 1)
+    learner.call_rank0("update")
+    with pytest.raises(SyncError, match="engine 0 reports version .* loaded but serves the very weights it served "
+                                    "before .*: its reload did not happen"):
+        with monkeypatch.context() as m:  # what OIRL_FAULT=stale-engine:<iteration> makes the driver ask for
+            m.setattr(faults, "stale_engine", lambda iteration: True)
+            sync_weights(learner, [engine], version + 2, cfg, "object_store", canary=None, iteration=version + 2)
+    served = ray.get(engine.served.remote(), timeout=60)["workers"][0]
+    assert served["served_digest"] == served["previous_digest"] != ""
+    sync_weights(learner, [engine], version + 3, cfg, "object_store", canary=None)  # a real reload: passes
+    served = ray.get(engine.served.remote(), timeout=60)["workers"][0]
+    assert served["served_digest"] != served["previous_digest"]
+
+
 def test_multiprocess_engine_receives_weights_over_vllm_rpc(setup, tiny_model_path):
     """vLLM's own engine processes (the GPU configs' mode): bucket metadata and bytes cross vLLM's msgpack RPC."""
     _, learner = setup

@@ -74,3 +74,27 @@ def test_the_fingerprint_of_received_tensors_is_the_learners():
     assert fingerprint([bucket], [host_bytes(received)]) == fingerprint([bucket], [buf])
     received[5] ^= 1  # one bit flipped on the way
     assert fingerprint([bucket], [host_bytes(received)]) != fingerprint([bucket], [buf])
+
+
+def test_the_served_digest_moves_with_any_changed_element_and_only_then():
+    """The digest the driver compares before and after a load (oirl/sync.py's stale-engine check): host tensors are
+    hashed; device tensors are summarised where they live by device_bit_sums, run here on CPU tensors (the same
+    torch ops a GPU runs), chunked or not."""
+    from actors.vllm_extension import device_bit_sums, served_digest
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.LayerNorm(48)).to(torch.bfloat16)
+    before = served_digest(model)
+    assert served_digest(model) == before
+    with torch.no_grad():
+        model[0].weight.view(-1).view(torch.int16)[100] += 1  # one bf16 element, one unit in the last place
+    assert served_digest(model) != before
+    for dtype in (torch.bfloat16, torch.float32, torch.uint8, torch.float64):
+        t = (torch.arange(3000) % 251).to(dtype)
+        whole = device_bit_sums(t)
+        assert device_bit_sums(t, chunk=7) == whole  # chunks change nothing
+        bits = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+        moved = bits.clone()
+        moved[10] += 1
+        moved[2000] -= 1  # the plain sum of the bits cancels; the position-weighted one does not
+        changed = device_bit_sums(moved.view(dtype))
+        assert changed.split(":")[0] == whole.split(":")[0] and changed != whole
