@@ -29,12 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.e2e import PRECISION
+from benchmarks.e2e import BF16, PRECISION
 from oirl.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-SETTINGS: dict[str, list[str]] = {"fp32": PRECISION["fp32"], "mixed": PRECISION["mixed_precision"]}
+# mixed: today's default job (bf16 autocast in the update over fp32 weights; engine and reference fp32); bf16: bf16
+# end to end, with the rollout correction and the bf16 checks (benchmarks/e2e.py's BF16).
+SETTINGS: dict[str, list[str]] = {"fp32": PRECISION["fp32"], "mixed": PRECISION["mixed_precision"], "bf16": BF16}
 
 
 def run(name: str, seed: int, iterations: int, extra: list[str], out: Path) -> dict[str, Any]:
@@ -58,6 +60,7 @@ def run(name: str, seed: int, iterations: int, extra: list[str], out: Path) -> d
         "kl_mean_per_iteration": [r["kl/mean"] for r in rows],
         "response_tokens_mean_per_iteration": [r["rollout/response_tokens_mean"] for r in rows],
         "on_policy_max_abs_diff_per_iteration": [r.get("rollout/engine_learner_logprob_max_abs_diff") for r in rows],
+        "mismatch_k3_kl_per_iteration": [r.get("rollout/mismatch_k3_kl") for r in rows],
         "iteration_seconds_per_iteration": [r["timing_s/iteration"] for r in rows],
         "phase_seconds_mean_after_first": {
             k.split("/", 1)[1]: statistics.fmean(r[k] for r in rows[1:])
@@ -116,7 +119,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {"fp32": "tab:blue", "mixed": "tab:orange"}
+    colors = {"fp32": "tab:blue", "mixed": "tab:orange", "bf16": "tab:green"}
     for r in result["runs"]:
         style = ["-", "--", ":", "-."][result["seeds"].index(r["seed"]) % 4]
         its = range(1, len(r["reward_mean_per_iteration"]) + 1)
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--out", default="/tmp/oirl-curve", help="run directories (large: not in git)")
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--name", default="precision_curve",
+                        help="results file stem: <results>/<name>.json and .png (e.g. precision_curve_bf16)")
     parser.add_argument("--add-to", default=None, metavar="JSON",
                         help="an earlier precision_curve.json: its runs are kept and these seeds are added to them "
                              "(same iterations and settings required), so a study grows one seed at a time")
@@ -175,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs, "comparison": compare(runs, args.settings, seeds) if len(args.settings) == 2 else {},
         "seconds_total": seconds_before + time.time() - t0,
     }
-    (results / "precision_curve.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, results / "precision_curve.png")
+    (results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, results / f"{args.name}.png")
     print(json.dumps(result["comparison"], indent=2))
     return 0
 
