@@ -60,21 +60,44 @@ PRECISION = {"fp32": ["learner.update_autocast="],
 # GRPOTrainer takes here (so the old logprobs come from the update's own forward: learner.old_logprobs=auto), and
 # PPO in the precision the default job does not use (not in --quick).
 GRPO = ["learner.algorithm=grpo", "learner.kl_in_loss=true", "learner.num_minibatches=1", *PRECISION["fp32"]]
+# bf16 end to end, as a GPU runs: engine, learner weights (DeepSpeed keeps fp32 master weights) and reference in
+# bf16, the rollout correction on (learner.rollout_correction=tis, the default). The on-policy check's thresholds
+# are this job's measured bf16 noise at its temperature 0.7 (2.6-3.4% of tokens beyond 0.2, KL 2.4-2.8e-3 over 4
+# iterations; docs/checks.md) with a margin of 2.3x and 2.1x; the canary scores at temperature 1 (noise 0-0.8%,
+# KL 1.1e-3), so configs/gpu.yaml's canary thresholds hold. A stale reload is caught by the served digest.
+BF16 = ["model.dtype=bfloat16", "learner.update_autocast=", "sync.on_policy_tolerance=0.2",
+        "sync.on_policy_max_frac=0.08", "sync.max_mismatch_kl=0.006", "sync.canary_tolerance=0.2",
+        "sync.canary_max_frac=0.02"]
 PHASES = ("generate", "reward", "prepare", "update", "sync", "checkpoint")
+# What each oirl run reports beside its speed: how far the engine's sampling distribution is from the learner's
+# (a fast run whose checks were loosened until they pass is not a result).
+MISMATCH = {"mismatch_k3_kl": "rollout/mismatch_k3_kl", "mismatch_ppl_ratio": "rollout/mismatch_ppl_ratio",
+            "frac_over_tolerance": "rollout/engine_learner_logprob_frac_over_tol",
+            "tolerance": "rollout/engine_learner_logprob_tolerance",
+            "max_abs_diff": "rollout/engine_learner_logprob_max_abs_diff",
+            "is_weight_mean": "learner/is_weight_mean", "is_truncated_frac": "learner/is_truncated_frac",
+            "canary_k3_kl": "sync/canary_k3_kl"}
 TRL_LAYOUTS = {"one_process": 1, "ddp_two_processes": 2}
 TRL_PRECISIONS = ("fp32", "bf16")  # TrainingArguments(bf16=True): TRL's mixed precision
 
 
-def precision_of(update_autocast: str) -> str:
-    return "mixed_precision" if update_autocast else "fp32"
+def precision_of(update_autocast: str, dtype: str = "float32") -> str:
+    return "bf16" if dtype == "bfloat16" else "mixed_precision" if update_autocast else "fp32"
 
 
-def oirl_runs(cfg: Any, quick: bool) -> dict[str, list[str]]:
-    """The oirl configurations this benchmark runs, the default job (``cfg``) first."""
+def oirl_runs(cfg: Any, quick: bool, only: list[str] | None = None) -> dict[str, list[str]]:
+    """The oirl configurations this benchmark runs, the default job (``cfg``) first; ``only``: these names."""
     runs = {"default": [], "grpo": GRPO}
-    if not quick:
-        other = next(p for p in PRECISION if p != precision_of(cfg.learner.update_autocast))
+    if not quick or only:
+        other = next(p for p in PRECISION if p != precision_of(cfg.learner.update_autocast, cfg.model.dtype))
         runs[f"ppo_{other}"] = PRECISION[other]
+        if cfg.model.dtype != "bfloat16":
+            runs["ppo_bf16"] = BF16
+    if only:
+        unknown = sorted(set(only) - set(runs))
+        if unknown:
+            raise SystemExit(f"--oirl-runs: unknown {unknown}; choose from {sorted(runs)}")
+        runs = {k: v for k, v in runs.items() if k in only}
     return runs
 
 
@@ -204,7 +227,8 @@ def run_oirl(name: str, overrides: list[str], out: Path, prompts: list[list[dict
     rows = read_metrics(run_dir / "metrics.jsonl")
     shutil.copy(run_dir / "metrics.jsonl", out / f"oirl_{name}_metrics.jsonl")
     shutil.copy(run_dir / "config.json", out / f"oirl_{name}_config.json")
-    learner_cfg = json.loads((run_dir / "config.json").read_text())["learner"]
+    run_cfg = json.loads((run_dir / "config.json").read_text())
+    learner_cfg = run_cfg["learner"]
     algorithm = learner_cfg["algorithm"]
     shutil.rmtree(run_dir)  # checkpoints: GBs
     for it, (row, drawn) in enumerate(zip(rows, prompts)):
@@ -218,7 +242,8 @@ def run_oirl(name: str, overrides: list[str], out: Path, prompts: list[list[dict
     samples = rows[0]["rollout/samples"]
     iteration = warm(no_ckpt)
     return {
-        "algorithm": algorithm, "precision": precision_of(learner_cfg["update_autocast"]), "overrides": overrides,
+        "algorithm": algorithm, "precision": precision_of(learner_cfg["update_autocast"], run_cfg["model"]["dtype"]),
+        "overrides": overrides,
         "wall_seconds": wall, "iterations": len(rows),
         "samples_per_iteration": samples, "samples_per_s": samples / iteration, "iteration_seconds": iteration,
         "iteration_seconds_with_checkpoint": warm(per_it["iteration"]),
@@ -230,6 +255,8 @@ def run_oirl(name: str, overrides: list[str], out: Path, prompts: list[list[dict
         "gen_tokens_per_s": warm([r["perf/gen_tokens_per_s"] for r in rows]),
         "sync_share": warm(per_it["sync"]) / iteration,
         "completions_at_cap": all(abs(r["rollout/response_tokens_mean"] - response) < 1e-9 for r in rows),
+        "checks": {"on_policy_checked": [r.get("rollout/on_policy_checked") for r in rows],
+                   **{k: [r.get(m) for r in rows] for k, m in MISMATCH.items()}},
     }
 
 
@@ -355,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trl-precisions", nargs="+", choices=TRL_PRECISIONS,
                         help="TRL's precisions, each in every layout (default: fp32 and bf16; --quick: fp32)")
     parser.add_argument("--trl-layout", choices=sorted(TRL_LAYOUTS), help="run only this TRL layout")
+    parser.add_argument("--oirl-runs", nargs="+", help="run only these oirl configurations (default, grpo, "
+                        "ppo_fp32 or ppo_mixed_precision, ppo_bf16)")
     args = parser.parse_args(argv)
 
     from oirl.models import resolve_model
@@ -407,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.only != "trl":
         result["oirl"] = {}
-        for name, extra in oirl_runs(cfg, args.quick).items():
+        for name, extra in oirl_runs(cfg, args.quick, args.oirl_runs).items():
             r = run_oirl(name, overrides + extra, out, prompts, response)
             r["iteration_over_floor"] = r["iteration_seconds"] / floor_seconds
             r["phase_over_floor"] = {p: r["phase_seconds"].get(p, 0.0) / floor[p] for p in floor}
@@ -445,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                 t["samples_per_s"] for t in result["trl"].values() if t["precision"] == precision)
         for r in result.get("oirl", {}).values():
             r["ratio_vs_trl"] = r["samples_per_s"] / result["trl_samples_per_s"]
-            same = "bf16" if r["precision"] == "mixed_precision" else "fp32"
+            same = "fp32" if r["precision"] == "fp32" else "bf16"
             if f"trl_{same}_samples_per_s" in result:  # TRL in the same precision as this run
                 r["ratio_vs_trl_same_precision"] = r["samples_per_s"] / result[f"trl_{same}_samples_per_s"]
 
@@ -470,12 +499,15 @@ def main(argv: list[str] | None = None) -> int:
                 result["ratio_vs_trl_fp32"] = result["oirl_samples_per_s"] / result["trl_fp32_samples_per_s"]
             if "grpo" in result["oirl"]:
                 result["ratio_vs_trl_grpo"] = result["oirl_grpo_samples_per_s"] / result["trl_samples_per_s"]
+            if "ppo_bf16" in result["oirl"]:  # the default job in bf16 end to end
+                result["ratio_vs_trl_bf16_job"] = result["oirl"]["ppo_bf16"]["ratio_vs_trl"]
     result["seconds_total"] = time.perf_counter() - t_start
     (out / "e2e.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out / "e2e.png")
     shutil.rmtree(out / "runs", ignore_errors=True)
     summary = {k: result[k] for k in ("oirl_samples_per_s", "oirl_grpo_samples_per_s", "trl_samples_per_s",
-                                      "ratio_vs_trl", "ratio_vs_trl_fp32", "iteration_seconds",
+                                      "ratio_vs_trl", "ratio_vs_trl_fp32", "ratio_vs_trl_bf16_job",
+                                      "iteration_seconds",
                                       "trl_iteration_seconds", "floor_seconds", "matmul_gflops") if k in result}
     print(json.dumps(summary, indent=1))
     return 0
