@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=["fp32", "mixed"], choices=list(SETTINGS),
+                        help="two settings to compare (default fp32 mixed; mixed bf16 for bf16 end to end)")
     parser.add_argument("--out", default="/tmp/oirl-curve", help="run directories (large: not in git)")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--name", default="precision_curve",
