@@ -37,6 +37,7 @@ RESULTS = REPO / "benchmarks" / "results"
 # mixed: today's default job (bf16 autocast in the update over fp32 weights; engine and reference fp32); bf16: bf16
 # end to end, with the rollout correction and the bf16 checks (benchmarks/e2e.py's BF16).
 SETTINGS: dict[str, list[str]] = {"fp32": PRECISION["fp32"], "mixed": PRECISION["mixed_precision"], "bf16": BF16}
+DEFAULT_SETTINGS = ["fp32", "mixed"]  # the pair a study compares unless --settings names another
 
 
 def run(name: str, seed: int, iterations: int, extra: list[str], out: Path) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--settings", nargs="+", default=["fp32", "mixed"], choices=list(SETTINGS),
+    parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS),
                         help="two settings to compare (default fp32 mixed; mixed bf16 for bf16 end to end)")
     parser.add_argument("--out", default="/tmp/oirl-curve", help="run directories (large: not in git)")
     parser.add_argument("--results", default=str(RESULTS))

@@ -47,7 +47,7 @@ def test_first_iterations_that_differ_are_reported():
     ({"extra_overrides": ["rollout.max_new_tokens=64"]}, "extra overrides"),
 ])
 def test_add_to_refuses_a_study_it_cannot_extend(tmp_path, change, message):
-    earlier = {"iterations": 10, "seeds": [0, 1], "settings": dict(pc.SETTINGS), "extra_overrides": [], "runs": [],
+    earlier = {"iterations": 10, "seeds": [0, 1], "settings": {n: pc.SETTINGS[n] for n in pc.DEFAULT_SETTINGS}, "extra_overrides": [], "runs": [],
                "seconds_total": 1.0, **change}
     path = tmp_path / "earlier.json"
     path.write_text(json.dumps(earlier))
